@@ -1,0 +1,39 @@
+"""fastwm: fused Triton kernels for latent world models (the RSSM of PlaNet and Dreamer).
+
+Public surface (see the README): backends, the Gaussian latent ops (std transform, reparameterized sample, KL, the
+fused head entry the RSSM step calls), the KL conventions of the sequence ELBO, and value validation.
+"""
+
+from . import reference
+from ._backend import BACKENDS, backend, get_backend, set_backend
+from ._validation import get_validate_args, set_validate_args
+from .gaussian import (
+    GaussianHeadSample,
+    gaussian_head_sample_kl,
+    gaussian_kl,
+    gaussian_rsample,
+    gaussian_sample_kl,
+    std_from_raw,
+)
+from .kl import KL_MODES, KL_PRESETS, kl_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "GaussianHeadSample",
+    "KL_MODES",
+    "KL_PRESETS",
+    "backend",
+    "gaussian_head_sample_kl",
+    "gaussian_kl",
+    "gaussian_rsample",
+    "gaussian_sample_kl",
+    "get_backend",
+    "get_validate_args",
+    "kl_loss",
+    "reference",
+    "set_backend",
+    "set_validate_args",
+    "std_from_raw",
+]
