@@ -184,18 +184,21 @@ def _gaussian_fused_backward_op(
     pm, ps = _split_q(p_mean, p_std, s, std_mode) if kl else (None, None)
     eps = _rows(noise, s) if (sample and noise is not None) else None
     # Gradient buffers: one [N, 2S] tensor per raw input, or one [N, S] tensor per mean / std.
+    alloc = _kernels().empty
+    n_rows = qm.shape[0]
+    d_p = None
     if raw:
-        d_q = torch.empty((qm.shape[0], 2 * s), device=q_mean.device, dtype=q_mean.dtype)
+        d_q = alloc((n_rows, 2 * s), like=q_mean)
         d_qm, d_qs = d_q[:, :s], d_q[:, s:]
-        d_p = torch.empty_like(d_q) if kl else None
-        d_pm, d_ps = (d_p[:, :s], d_p[:, s:]) if kl else (None, None)
+        d_p = alloc((n_rows, 2 * s), like=q_mean) if kl else None
+        d_pm, d_ps = (d_p[:, :s], d_p[:, s:]) if d_p is not None else (None, None)
     else:
-        write_dqm = kl  # rsample alone: d mean is g_z itself, returned by the autograd formula without a copy
-        d_qm = torch.empty_like(qm) if write_dqm else None
-        d_qs = torch.empty_like(qs)
-        d_pm = torch.empty_like(qm) if kl else None
-        d_ps = torch.empty_like(qm) if kl else None
-    d_noise = torch.empty_like(qm) if (sample and noise_grad) else None
+        # rsample alone: d mean is g_z itself, returned by the autograd formula without a copy
+        d_qm = alloc((n_rows, s), like=q_mean) if kl else None
+        d_qs = alloc((n_rows, s), like=q_mean)
+        d_pm = alloc((n_rows, s), like=q_mean) if kl else None
+        d_ps = alloc((n_rows, s), like=q_mean) if kl else None
+    d_noise = alloc((n_rows, s), like=q_mean) if (sample and noise_grad) else None
     grads = (
         _rows(g_z, s) if (sample and g_z is not None) else None,
         g_kl.reshape(-1).contiguous() if (kl and g_kl is not None) else None,

@@ -64,11 +64,12 @@ def _std_from_raw(raw, MIN_STD: tl.constexpr, STD_MODE: tl.constexpr):
 @triton.jit
 def _std_from_raw_grad(raw, MIN_STD: tl.constexpr, STD_MODE: tl.constexpr):
     # d std / d raw; softplus_clamp follows torch.clamp_min, whose gradient passes where input >= min.
+    # Past softplus's threshold (20) torch returns raw itself, so the slope is exactly 1 there.
     if STD_MODE == 0:
-        d = tl.sigmoid(raw)
+        d = tl.where(raw > 20.0, 1.0, tl.sigmoid(raw))
     elif STD_MODE == 1:
         sp = _softplus(raw)
-        d = tl.where(sp >= tl.zeros_like(sp) + MIN_STD, tl.sigmoid(raw), 0.0)
+        d = tl.where(sp >= tl.zeros_like(sp) + MIN_STD, tl.where(raw > 20.0, 1.0, tl.sigmoid(raw)), 0.0)
     else:
         s = tl.sigmoid(raw * 0.5)
         d = s * (1.0 - s)
@@ -320,6 +321,12 @@ def _std_bwd_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def empty(shape: tuple[int, ...], *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every output the launchers and ops allocate comes from here (the tests swap it for a NaN fill, so that an
+    element a kernel fails to write cannot pass unnoticed)."""
+    return torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+
+
 def _compute_dtype(dtype: torch.dtype):
     """float64 stays float64 (so float64 gradcheck holds); every other dtype computes in fp32."""
     return _TORCH_TO_COMPUTE.get(dtype, tl.float32)
@@ -353,13 +360,13 @@ def gaussian_fwd(
     """Launch the fused forward on 2-D ``[N, S]`` views (unit last stride). Returns (z, kl, qm, qs, pm, ps) where
     the outputs that this configuration does not produce are empty tensors."""
     n, s = q_mean.shape
-    dev, dt = q_mean.device, q_mean.dtype
+    dt = q_mean.dtype
     kl_dtype = torch.float64 if dt == torch.float64 else torch.float32
     raw = std_mode >= 0
 
     def out(wanted: bool, shape: tuple[int, ...], dtype: torch.dtype = dt) -> torch.Tensor:
         # Outputs not produced are distinct 1-D empty tensors (a custom op's outputs may not alias each other).
-        return torch.empty(shape if wanted else (0,), device=dev, dtype=dtype)
+        return empty(shape if wanted else (0,), like=q_mean, dtype=dtype)
 
     z = out(sample, (n, s))
     kl_out = out(kl, (n,), kl_dtype)
@@ -441,7 +448,7 @@ _STD_BLOCK = 1024
 
 def std_fwd(raw: torch.Tensor, *, std_mode: int, min_std: float) -> torch.Tensor:
     """softplus / softplus_clamp / sigmoid2 std of a contiguous tensor, any shape."""
-    std = torch.empty_like(raw)
+    std = empty(tuple(raw.shape), like=raw)
     numel = raw.numel()
     if numel:
         _std_fwd_kernel[(triton.cdiv(numel, _STD_BLOCK),)](
@@ -452,7 +459,7 @@ def std_fwd(raw: torch.Tensor, *, std_mode: int, min_std: float) -> torch.Tensor
 
 def std_bwd(grad: torch.Tensor, raw: torch.Tensor, *, std_mode: int, min_std: float) -> torch.Tensor:
     """Gradient of :func:`std_fwd` with respect to ``raw``; both inputs contiguous."""
-    d_raw = torch.empty_like(raw)
+    d_raw = empty(tuple(raw.shape), like=raw)
     numel = raw.numel()
     if numel:
         _std_bwd_kernel[(triton.cdiv(numel, _STD_BLOCK),)](
