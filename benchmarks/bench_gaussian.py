@@ -268,8 +268,9 @@ def build_case(
         upstream = [
             torch.randn((rows, s), generator=gen, dtype=dtype, device=device)
             if kind == "ns"
-            else torch.randn((rows,), generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                             device=device)
+            else torch.randn(
+                (rows,), generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device
+            )
             for kind in spec.grad_outputs
         ]
         n_grad = len(upstream)

@@ -62,9 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="tiny sizes and few repetitions (always on when the device is cpu)"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument(
-        "--dtype", default="float32", help=f"comma list of {', '.join(DTYPES)} (default: float32)"
-    )
+    parser.add_argument("--dtype", default="float32", help=f"comma list of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument(
         "--providers",
         default=None,
@@ -205,7 +203,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timi
 
 
 def copy_bandwidth_gbps(device: torch.device, quick: bool) -> float:
-    """GB/s of a plain device copy of a large float32 buffer (read + write), the bandwidth a memory-bound op can reach."""
+    """GB/s of a plain device copy of a large float32 buffer (read + write): what a memory-bound op can reach."""
     n_bytes = 2**30 if device.type == "cuda" else 64 * 2**20
     src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
@@ -262,16 +260,15 @@ def print_table(rows: list[dict[str, Any]], copy_gbps: float) -> None:
         print(
             f"{r['benchmark']:<24} {r['mode']:<7} {r['provider']:<8} {r['rows']:>8} {r['S']:>5} {r['dtype']:<8} "
             f"{r['median_ms']:>10.4f} {r['p20_ms']:>9.4f} {r['p80_ms']:>9.4f} {r['gbps']:>8.1f} "
-            f"{100 * r['frac_copy_bw']:>5.1f}% {_fmt(r['speedup_vs_eager'], '>7.2f')}x {_fmt(r['peak_mem_mb'], '>8.1f')}"
+            f"{100 * r['frac_copy_bw']:>5.1f}% {_fmt(r['speedup_vs_eager'], '>7.3g')}x "
+            f"{_fmt(r['peak_mem_mb'], '>8.1f')}"
         )
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s")
 
 
 def _goal_summary(rows: list[dict[str, Any]]) -> str | None:
     """How many fastwm rows reach the goal: >= 80% of copy bandwidth and faster than eager and compiled."""
-    medians = {
-        (r["benchmark"], r["mode"], r["rows"], r["S"], r["dtype"], r["provider"]): r["median_ms"] for r in rows
-    }
+    medians = {(r["benchmark"], r["mode"], r["rows"], r["S"], r["dtype"], r["provider"]): r["median_ms"] for r in rows}
     fused = [r for r in rows if r["provider"] == "fastwm"]
     if not fused:
         return None
@@ -385,8 +382,26 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 _ROW_KEYS = (
-    "benchmark", "mode", "provider", "rows", "S", "dtype", "median_ms", "p20_ms", "p80_ms", "gbps", "copy_gbps",
-    "frac_copy_bw", "speedup_vs_eager", "peak_mem_mb", "bytes_moved", "device", "torch", "triton", "commit", "date",
+    "benchmark",
+    "mode",
+    "provider",
+    "rows",
+    "S",
+    "dtype",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "gbps",
+    "copy_gbps",
+    "frac_copy_bw",
+    "speedup_vs_eager",
+    "peak_mem_mb",
+    "bytes_moved",
+    "device",
+    "torch",
+    "triton",
+    "commit",
+    "date",
 )
 
 

@@ -1,0 +1,84 @@
+"""Backend selection: names, nesting, "auto" resolution and the error of "triton" where it cannot run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastwm
+from fastwm import _backend
+
+
+def test_default_and_nesting():
+    assert fastwm.get_backend() == "auto"
+    with fastwm.backend("reference"):
+        assert fastwm.get_backend() == "reference"
+        with fastwm.backend("triton"):
+            assert fastwm.get_backend() == "triton"
+        assert fastwm.get_backend() == "reference"
+    assert fastwm.get_backend() == "auto"
+
+
+def test_restored_after_exception():
+    with pytest.raises(RuntimeError):
+        with fastwm.backend("reference"):
+            raise RuntimeError("boom")
+    assert fastwm.get_backend() == "auto"
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="backend name must be one of"):
+        with fastwm.backend("cuda"):
+            pass
+    with pytest.raises(ValueError, match="backend name must be one of"):
+        fastwm.set_backend("fast")
+
+
+def test_auto_resolution(monkeypatch):
+    cpu = torch.zeros(2)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not _backend.use_triton(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.use_triton(cpu) == _backend.triton_available()
+    with fastwm.backend("reference"):
+        assert not _backend.use_triton(cpu)
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = torch.zeros(3, 4)
+    with fastwm.backend("triton"):
+        with pytest.raises(RuntimeError, match="cannot run on a cpu tensor"):
+            fastwm.gaussian_kl(m, m + 1, m, m + 1)
+
+
+def test_reference_runs_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = torch.zeros(3, 4)
+    kl = fastwm.gaussian_kl(m, m + 1, m, m + 1)  # auto on CPU: the eager reference
+    assert torch.equal(kl, torch.zeros(3))
+
+
+def test_seeded_sample_same_on_both_backends():
+    mean, std = torch.randn(6, 30, dtype=torch.float64), torch.rand(6, 30, dtype=torch.float64) + 0.5
+    out = {}
+    for name in ("reference", "triton"):
+        with fastwm.backend(name):
+            out[name] = fastwm.gaussian_rsample(mean, std, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out["reference"], out["triton"], rtol=1e-12, atol=1e-12)
+
+
+def test_import_touches_no_triton():
+    # Importing fastwm must not import triton (whose driver lookup fails on machines without a GPU).
+    code = "import sys, fastwm; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_kernels_ship_as_fastwm_kernels():
+    import fastwm.kernels.gaussian as kg
+
+    assert hasattr(kg, "gaussian_fwd") and hasattr(kg, "gaussian_bwd")
