@@ -169,7 +169,11 @@ def provider_unavailable(provider: str, device: torch.device, dtype: torch.dtype
     """Why ``provider`` cannot run on ``device`` in ``dtype`` here, or None when it can."""
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
-    if provider != "fastwm":
+    if provider == "eager":
+        return None
+    if provider == "compiled":
+        if device.type == "cuda" and not triton_available():
+            return "torch.compile on cuda generates Triton kernels: install triton"
         return None
     if not triton_available():
         return "fastwm needs the triton package (pip install 'fastwm[triton]')"

@@ -315,8 +315,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         notes.append("compiled skipped on cpu (torch.compile is slow there): ask for it with --providers")
     providers.sort(key=PROVIDERS.index)  # eager first, so that every other row has its speedup
 
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # so that do_bench's events and L2 flush buffer land on the chosen GPU
     meta = {
         "device": _device_name(device),
         "torch": torch.__version__,
