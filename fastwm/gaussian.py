@@ -34,7 +34,7 @@ __all__ = [
     "gaussian_head_sample_kl",
 ]
 
-_STD_MODE_IDS = {"softplus": 0, "softplus_clamp": 1, "sigmoid2": 2}
+_STD_MODE_IDS = {name: i for i, name in enumerate(reference.STD_MODES)}  # the kernels' STD_MODE constexpr
 _NO_TRANSFORM = -1  # std_mode of the fused op when the inputs are already (mean, std)
 
 

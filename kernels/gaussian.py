@@ -4,7 +4,7 @@ One forward kernel and one backward kernel serve every public Gaussian op (``std
 plain elementwise pair at the end of the file). Constexpr flags select what a launch computes:
 
 * ``STD_MODE`` ``-1``: the inputs are (mean, std); ``0``/``1``/``2``: the inputs are raw head outputs whose second
-  half goes through softplus / softplus_clamp / sigmoid2 (see :data:`STD_MODES`).
+  half goes through softplus / softplus_clamp / sigmoid2 (the order of ``fastwm.reference.STD_MODES``).
 * ``NOISE`` ``0``: no sample; ``1``: noise read from memory; ``2``: noise drawn in the kernel from a Philox seed
   (read from a one-element int64 tensor, so launches never sync with the host and replay under CUDA graphs).
 * ``HAS_KL``: compute KL(q || p) summed over the last dimension.
@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
-
-STD_MODES = {"softplus": 0, "softplus_clamp": 1, "sigmoid2": 2}
 
 _TORCH_TO_COMPUTE = {torch.float64: tl.float64}
 
