@@ -38,6 +38,12 @@ def _std(shape: Sequence[int], g: torch.Generator, device: torch.device, dtype: 
     return (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * 0.5).exp().add(0.05).to(device, dtype)
 
 
+def _q_p(shape: Sequence[int], g: torch.Generator, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """[q_mean, q_std, p_mean, p_std], each of ``shape``."""
+    return [_randn(shape, g, device, dtype), _std(shape, g, device, dtype),
+            _randn(shape, g, device, dtype), _std(shape, g, device, dtype)]
+
+
 def _odd_strides(t: torch.Tensor) -> torch.Tensor:
     """The same values with non-contiguous strides (as grad outputs often arrive)."""
     return t.unsqueeze(-1).expand(*t.shape, 2)[..., 0] if t.dim() else t
@@ -118,8 +124,7 @@ def test_kl(shape, dtype, device, poison):
     lead, s = shape
     g = _gen(3)
     full = (*lead, s)
-    inputs = [_randn(full, g, device, dtype), _std(full, g, device, dtype),
-              _randn(full, g, device, dtype), _std(full, g, device, dtype)]
+    inputs = _q_p(full, g, device, dtype)
     check_against_reference(
         lambda *a: (fastwm.gaussian_kl(*a),),
         lambda *a: (reference.gaussian_kl(*a),),
@@ -132,8 +137,7 @@ def test_sample_kl_given_noise(shape, dtype, device, poison):
     lead, s = shape
     g = _gen(4)
     full = (*lead, s)
-    inputs = [_randn(full, g, device, dtype), _std(full, g, device, dtype),
-              _randn(full, g, device, dtype), _std(full, g, device, dtype), _randn(full, g, device, dtype)]
+    inputs = [*_q_p(full, g, device, dtype), _randn(full, g, device, dtype)]
     check_against_reference(
         lambda *a: fastwm.gaussian_sample_kl(*a),
         lambda *a: reference.gaussian_sample_kl(*a),
@@ -180,8 +184,7 @@ def test_seeded_noise_matches_reference_philox(shape, dtype, device, poison):
     lead, s = shape
     g = _gen(7)
     full = (*lead, s)
-    inputs = [_randn(full, g, device, dtype), _std(full, g, device, dtype),
-              _randn(full, g, device, dtype), _std(full, g, device, dtype)]
+    inputs = _q_p(full, g, device, dtype)
     check_against_reference(
         lambda *a: fastwm.gaussian_sample_kl(*a, generator=_gen(123)),
         _reference_seeded,
