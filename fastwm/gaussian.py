@@ -325,6 +325,7 @@ def _noise_or_seed(
         if generator is not None:
             raise ValueError("pass either noise or generator, not both")
         check_like("noise", noise, like_name, like, shape=shape)
+        check_values({"noise": noise})
         return noise, None
     check_generator(generator)
     if triton:
@@ -375,10 +376,9 @@ def gaussian_rsample(
     """
     check_tensor("mean", mean)
     check_like("std", std, "mean", mean)
-    given = noise
     triton = use_triton(mean)
     noise, seed = _noise_or_seed(noise, generator, mean, "mean", tuple(mean.shape), triton)
-    check_values({"mean": mean, "std": std, **({"noise": given} if given is not None else {})}, {"std": std})
+    check_values({"mean": mean, "std": std}, {"std": std})
     if triton:
         z, *_ = _gaussian_fused_op(mean, std, None, None, noise, seed, _NO_TRANSFORM, 0.0, True, False)
         return z
@@ -427,13 +427,9 @@ def gaussian_sample_kl(
     check_tensor("q_mean", q_mean)
     for name, t in (("q_std", q_std), ("p_mean", p_mean), ("p_std", p_std)):
         check_like(name, t, "q_mean", q_mean)
-    given = noise
     triton = use_triton(q_mean)
     noise, seed = _noise_or_seed(noise, generator, q_mean, "q_mean", tuple(q_mean.shape), triton)
-    check_values(
-        {"q_mean": q_mean, "q_std": q_std, "p_mean": p_mean, "p_std": p_std, **({"noise": given} if given is not None else {})},
-        {"q_std": q_std, "p_std": p_std},
-    )
+    check_values({"q_mean": q_mean, "q_std": q_std, "p_mean": p_mean, "p_std": p_std}, {"q_std": q_std, "p_std": p_std})
     if triton:
         z, kl, *_ = _gaussian_fused_op(q_mean, q_std, p_mean, p_std, noise, seed, _NO_TRANSFORM, 0.0, True, True)
         return z, kl
@@ -473,10 +469,9 @@ def gaussian_head_sample_kl(
     mode_id = _std_mode_id(mode)
     min_std = _check_min_std(min_std, mode)
     s = post_raw.shape[-1] // 2
-    given = noise
     triton = use_triton(post_raw)
     noise, seed = _noise_or_seed(noise, generator, post_raw, "post_raw", (*post_raw.shape[:-1], s), triton)
-    check_values({"post_raw": post_raw, "prior_raw": prior_raw, **({"noise": given} if given is not None else {})})
+    check_values({"post_raw": post_raw, "prior_raw": prior_raw})
     if triton:
         return GaussianHeadSample(*_gaussian_fused_op(post_raw, None, prior_raw, None, noise, seed, mode_id, min_std,
                                                       True, True))
