@@ -16,11 +16,16 @@ from .gaussian import (
     std_from_raw,
 )
 from .kl import KL_MODES, KL_PRESETS, kl_loss
+from .cells import gru_cell, layernorm_gru_cell
+from .rssm import RSSM, LayerNormGRUCell, State
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "LayerNormGRUCell",
+    "RSSM",
+    "State",
     "GaussianHeadSample",
     "KL_MODES",
     "KL_PRESETS",
@@ -31,6 +36,8 @@ __all__ = [
     "gaussian_sample_kl",
     "get_backend",
     "get_validate_args",
+    "gru_cell",
+    "layernorm_gru_cell",
     "kl_loss",
     "reference",
     "set_backend",

@@ -7,6 +7,8 @@ benchmarks. Every function here takes tensors of any floating dtype; half-precis
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +20,16 @@ __all__ = [
     "gaussian_sample_kl",
     "gaussian_head_sample_kl",
     "philox_normal",
+    "ACTIVATIONS",
+    "CELLS",
+    "StepConfig",
+    "StepWeights",
+    "activation",
+    "dense",
+    "gru_cell",
+    "layernorm_gru_cell",
+    "rssm_prior_step",
+    "rssm_posterior_step",
 ]
 
 STD_MODES = ("softplus", "softplus_clamp", "sigmoid2")
@@ -155,3 +167,178 @@ def philox_normal(
     n2, n3 = _box_muller(_uniform(c2).to(compute), _uniform(c3).to(compute))
     lanes = torch.stack((n0, n1, n2, n3), dim=-1).reshape(n, s4 * 4)[:, :s]
     return lanes.reshape(shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Recurrent cells and the RSSM step
+# ----------------------------------------------------------------------------------------------------------------------
+
+ACTIVATIONS = ("elu", "silu")
+CELLS = ("gru", "layernorm_gru", "none")
+
+
+def activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    """ELU (alpha 1) or SiLU."""
+    if act == "elu":
+        return F.elu(x)
+    if act == "silu":
+        return F.silu(x)
+    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def gru_cell(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: torch.Tensor | None = None,
+    bias_hh: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """torch.nn.GRUCell: r = sigmoid(W_ir x + b_ir + W_hr h + b_hr), z likewise, n = tanh(W_in x + b_in + r * (W_hn h +
+    b_hn)), h' = (1 - z) * n + z * h. weight_ih [3D, X], weight_hh [3D, D], rows in the order r, z, n."""
+    gi = F.linear(x, weight_ih, bias_ih)
+    gh = F.linear(h, weight_hh, bias_hh)
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1.0 - z) * n + z * h
+
+
+def layernorm_gru_cell(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    *,
+    eps: float = 1e-3,
+    update_bias: float = -1.0,
+) -> torch.Tensor:
+    """The Dreamer LayerNorm GRU (DreamerV2, dreamerv3-torch): parts = LayerNorm(cat([x, h]) @ weight.T) over all 3D
+    outputs; reset, cand, update = split(parts, 3); reset = sigmoid(reset); cand = tanh(reset * cand);
+    update = sigmoid(update + update_bias); h' = update * cand + (1 - update) * h. weight [3D, X + D], no bias."""
+    d = h.shape[-1]
+    parts = F.linear(torch.cat([x, h], dim=-1), weight)
+    parts = F.layer_norm(parts, (3 * d,), norm_weight, norm_bias, eps)
+    reset, cand, update = parts.chunk(3, dim=-1)
+    reset = torch.sigmoid(reset)
+    cand = torch.tanh(reset * cand)
+    update = torch.sigmoid(update + update_bias)
+    return update * cand + (1.0 - update) * h
+
+
+def dense(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    *,
+    act: str,
+    eps: float = 1e-3,
+) -> torch.Tensor:
+    """One MLP layer: act(Linear(x)), or act(LayerNorm(Linear(x))) when norm_weight is given (Dreamer's layers)."""
+    y = F.linear(x, weight, bias)
+    if norm_weight is not None:
+        y = F.layer_norm(y, (y.shape[-1],), norm_weight, norm_bias, eps)
+    return activation(y, act)
+
+
+class StepConfig(NamedTuple):
+    """The fixed choices of an RSSM step: the cell kind (one of CELLS), the activation (one of ACTIVATIONS), whether
+    the MLP layers carry a LayerNorm, the std convention (one of STD_MODES) and its floor, and the LayerNorm eps."""
+
+    cell: str = "gru"
+    act: str = "elu"
+    norm: bool = False
+    std_mode: str = "softplus"
+    min_std: float = 0.1
+    eps: float = 1e-3
+
+
+class StepWeights(NamedTuple):
+    """The weights of one RSSM step, in torch.nn.Linear layout ([out, in]); None where a configuration has none.
+
+    - inp: [z, a] -> hidden (Hd); ``inp_w`` [Hd, S + A].
+    - cell: "gru": ``cell_w`` = weight_ih [3D, Hd], ``cell_w2`` = weight_hh [3D, D], ``cell_b`` / ``cell_b2`` their
+      biases; "layernorm_gru": ``cell_w`` [3D, Hd + D], ``cell_nw`` / ``cell_nb`` the LayerNorm over 3D;
+      "none": no cell, the deterministic part is the hidden x itself and the heads read it.
+    - prior head: ``p1`` [Hd, D'] then ``p2`` [2S, Hd] (mean first, then raw std); D' = D, or Hd for cell "none".
+    - posterior head: ``q1`` [Hd, D' + E] on [h, e] then ``q2`` [2S, Hd].
+    ``*_nw`` / ``*_nb`` are the LayerNorm weight and bias of a layer when the config has norm=True.
+    """
+
+    inp_w: torch.Tensor
+    inp_b: torch.Tensor | None
+    inp_nw: torch.Tensor | None
+    inp_nb: torch.Tensor | None
+    cell_w: torch.Tensor | None
+    cell_w2: torch.Tensor | None
+    cell_b: torch.Tensor | None
+    cell_b2: torch.Tensor | None
+    cell_nw: torch.Tensor | None
+    cell_nb: torch.Tensor | None
+    p1_w: torch.Tensor
+    p1_b: torch.Tensor | None
+    p1_nw: torch.Tensor | None
+    p1_nb: torch.Tensor | None
+    p2_w: torch.Tensor
+    p2_b: torch.Tensor | None
+    q1_w: torch.Tensor | None
+    q1_b: torch.Tensor | None
+    q1_nw: torch.Tensor | None
+    q1_nb: torch.Tensor | None
+    q2_w: torch.Tensor | None
+    q2_b: torch.Tensor | None
+
+
+def _cell(cfg: StepConfig, w: StepWeights, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    if cfg.cell == "gru":
+        return gru_cell(x, h, w.cell_w, w.cell_w2, w.cell_b, w.cell_b2)
+    if cfg.cell == "layernorm_gru":
+        return layernorm_gru_cell(x, h, w.cell_w, w.cell_nw, w.cell_nb, eps=cfg.eps)
+    return x  # "none": the hidden layer is the (stateless) deterministic part
+
+
+def _head(cfg: StepConfig, w1, b1, nw, nb, w2, b2, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = dense(x, w1, b1, nw, nb, act=cfg.act, eps=cfg.eps)
+    mean, raw = F.linear(y, w2, b2).chunk(2, dim=-1)
+    return mean, std_from_raw(raw, min_std=cfg.min_std, mode=cfg.std_mode)
+
+
+def rssm_prior_step(
+    cfg: StepConfig, w: StepWeights, stoch: torch.Tensor, action: torch.Tensor, deter: torch.Tensor,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prior step p(z_t | h_t): x = act(inp([z, a])), h' = cell(x, h), (mean, std) = prior head(h'),
+    z' = mean + std * noise. Returns (h', z', mean, std); h' is [B, 0] for cell "none"."""
+    x = dense(torch.cat([stoch, action], dim=-1), w.inp_w, w.inp_b, w.inp_nw, w.inp_nb, act=cfg.act, eps=cfg.eps)
+    h = _cell(cfg, w, x, deter)
+    mean, std = _head(cfg, w.p1_w, w.p1_b, w.p1_nw, w.p1_nb, w.p2_w, w.p2_b, h)
+    new_deter = h if cfg.cell != "none" else deter
+    return new_deter, gaussian_rsample(mean, std, noise), mean, std
+
+
+def rssm_posterior_step(
+    cfg: StepConfig, w: StepWeights, stoch: torch.Tensor, action: torch.Tensor, deter: torch.Tensor,
+    embed: torch.Tensor, noise: torch.Tensor, prior_noise: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The posterior step: the prior step, then (mean, std) = posterior head([h', e]), its sample and
+    KL(q || p) summed over S. Returns (h', post_z, post_mean, post_std, prior_z, prior_mean, prior_std, kl)."""
+    x = dense(torch.cat([stoch, action], dim=-1), w.inp_w, w.inp_b, w.inp_nw, w.inp_nb, act=cfg.act, eps=cfg.eps)
+    h = _cell(cfg, w, x, deter)
+    p_mean, p_std = _head(cfg, w.p1_w, w.p1_b, w.p1_nw, w.p1_nb, w.p2_w, w.p2_b, h)
+    q_mean, q_std = _head(cfg, w.q1_w, w.q1_b, w.q1_nw, w.q1_nb, w.q2_w, w.q2_b, torch.cat([h, embed], dim=-1))
+    new_deter = h if cfg.cell != "none" else deter
+    return (
+        new_deter,
+        gaussian_rsample(q_mean, q_std, noise),
+        q_mean,
+        q_std,
+        gaussian_rsample(p_mean, p_std, prior_noise),
+        p_mean,
+        p_std,
+        gaussian_kl(q_mean, q_std, p_mean, p_std),
+    )

@@ -1,0 +1,349 @@
+"""The Recurrent State Space Model (RSSM) of PlaNet and Dreamer, as a drop-in ``torch.nn.Module``.
+
+Per step, with z the stochastic latent [B, S], h the deterministic state [B, D], a the action [B, A] and e the
+observation embedding [B, E]::
+
+    x     = act(inp([z_{t-1}, a_{t-1}]))            input layer (Linear [-> LayerNorm] -> act)
+    h_t   = cell(x, h_{t-1})                         GRUCell, the Dreamer LayerNorm GRU, or h_t = x for cell "none"
+    prior = N(mean, std) from prior head(h_t)         Linear -> act -> Linear to [mean, raw std]
+    post  = N(mean, std) from posterior head([h_t, e_t])
+
+Every step runs as one fused Triton launch on the "triton" backend (CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1) and as plain PyTorch on the "reference" backend; see :mod:`fastwm.step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from .step import posterior_step, prior_step
+
+__all__ = ["RSSM", "State", "LayerNormGRUCell"]
+
+
+class State(NamedTuple):
+    """An RSSM state: ``deter`` [..., D] (D = 0 for cell "none"), ``stoch`` [..., S] (a sample), and the ``mean`` and
+    ``std`` [..., S] of the distribution it was drawn from. Fields are [B, ...] for one step, [B, T, ...] for a
+    sequence."""
+
+    deter: Tensor
+    stoch: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+def stack_states(states: list[State], dim: int = 1) -> State:
+    """Stack per-step States [B, ...] into one State [B, T, ...]."""
+    return State(*(torch.stack(parts, dim=dim) for parts in zip(*states)))
+
+
+class LayerNormGRUCell(nn.Module):
+    """The Dreamer LayerNorm GRU cell (see :func:`fastwm.layernorm_gru_cell`): ``weight`` [3D, X + D] without bias,
+    ``norm`` a LayerNorm over the 3D outputs (eps 1e-3 as in dreamerv3-torch), update bias -1."""
+
+    def __init__(self, input_size: int, hidden_size: int, *, eps: float = 1e-3, update_bias: float = -1.0,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.update_bias = input_size, hidden_size, update_bias
+        self.weight = nn.Parameter(torch.empty(3 * hidden_size, input_size + hidden_size, device=device, dtype=dtype))
+        self.norm = nn.LayerNorm(3 * hidden_size, eps=eps, device=device, dtype=dtype)
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        from .cells import layernorm_gru_cell
+
+        return layernorm_gru_cell(x, h, self.weight, self.norm.weight, self.norm.bias, eps=self.norm.eps,
+                                  update_bias=self.update_bias)
+
+
+def _norm(norm: bool, width: int, eps: float, **kw) -> nn.LayerNorm | None:
+    return nn.LayerNorm(width, eps=eps, **kw) if norm else None
+
+
+def _nw(layer: nn.LayerNorm | None) -> tuple[Tensor | None, Tensor | None]:
+    return (None, None) if layer is None else (layer.weight, layer.bias)
+
+
+class RSSM(nn.Module):
+    """The RSSM world model: prior p(z_t | h_t), posterior q(z_t | h_t, e_t) and a recurrent deterministic path.
+
+    Args:
+        action_dim: A, the width of an action.
+        embed_dim: E, the width of an observation embedding.
+        stoch: S, stochastic latent dims (30 in PlaNet and Dreamer V1).
+        deter: D, deterministic state dims (200). Ignored (D = 0) for cell "none".
+        hidden: Hd, the width of the input layer and of both heads' hidden layer (200).
+        cell: "gru" (torch.nn.GRUCell semantics and parameter layout), "layernorm_gru" (the Dreamer LayerNorm GRU) or
+            "none" (no deterministic path: the pure stochastic state-space model p(z_t | z_{t-1}, a_{t-1})).
+        act: "elu" (PlaNet, Dreamer V1, TorchRL) or "silu" (DreamerV3).
+        std_mode: "softplus", "softplus_clamp" (TorchRL) or "sigmoid2" (dreamerv3-torch); see :func:`fastwm.std_from_raw`.
+        min_std: the std floor (0.1 everywhere).
+        norm: put a LayerNorm between each MLP layer's Linear and its activation, as Dreamer V2/V3 do (the Linear
+            then has no bias).
+        eps: the LayerNorm eps of those layers and of the LayerNorm GRU (1e-3, dreamerv3-torch's).
+
+    Shapes are batch-first. ``action[:, t]`` is the action that led to ``embed[:, t]``.
+
+    Example::
+
+        rssm = fastwm.RSSM(action_dim=6, embed_dim=1024).cuda()
+        post, prior = rssm.observe(embed, action, is_first)       # States with [B, T, ...] fields
+        kl = fastwm.kl_loss(post.mean, post.std, prior.mean, prior.std, mode="per_step")
+        dream = rssm.imagine(actions, rssm.initial(16))          # open-loop prior rollout
+    """
+
+    def __init__(
+        self,
+        action_dim: int,
+        embed_dim: int,
+        *,
+        stoch: int = 30,
+        deter: int = 200,
+        hidden: int = 200,
+        cell: str = "gru",
+        act: str = "elu",
+        std_mode: str = "softplus",
+        min_std: float = 0.1,
+        norm: bool = False,
+        eps: float = 1e-3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("action_dim", action_dim), ("embed_dim", embed_dim), ("stoch", stoch),
+                            ("hidden", hidden)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if cell not in reference.CELLS:
+            raise ValueError(f"cell must be one of {reference.CELLS}, got {cell!r}")
+        if cell != "none" and (not isinstance(deter, int) or deter < 1):
+            raise ValueError(f"deter must be a positive int, got {deter!r}")
+        if act not in reference.ACTIVATIONS:
+            raise ValueError(f"act must be one of {reference.ACTIVATIONS}, got {act!r}")
+        if std_mode not in reference.STD_MODES:
+            raise ValueError(f"std_mode must be one of {reference.STD_MODES}, got {std_mode!r}")
+        if not min_std >= 0.0:
+            raise ValueError(f"min_std must be >= 0, got {min_std!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.action_dim, self.embed_dim, self.stoch, self.hidden = action_dim, embed_dim, stoch, hidden
+        self.deter = deter if cell != "none" else 0
+        self.config = reference.StepConfig(cell=cell, act=act, norm=bool(norm), std_mode=std_mode,
+                                           min_std=float(min_std), eps=float(eps))
+        head_in = self.deter if cell != "none" else hidden  # what the heads read: h, or x for cell "none"
+        self.inp = nn.Linear(stoch + action_dim, hidden, bias=not norm, **kw)
+        self.inp_norm = _norm(norm, hidden, eps, **kw)
+        self.cell: nn.Module | None
+        if cell == "gru":
+            self.cell = nn.GRUCell(hidden, deter, **kw)
+        elif cell == "layernorm_gru":
+            self.cell = LayerNormGRUCell(hidden, deter, eps=eps, **kw)
+        else:
+            self.cell = None
+        self.prior1 = nn.Linear(head_in, hidden, bias=not norm, **kw)
+        self.prior1_norm = _norm(norm, hidden, eps, **kw)
+        self.prior2 = nn.Linear(hidden, 2 * stoch, **kw)
+        self.post1 = nn.Linear(head_in + embed_dim, hidden, bias=not norm, **kw)
+        self.post1_norm = _norm(norm, hidden, eps, **kw)
+        self.post2 = nn.Linear(hidden, 2 * stoch, **kw)
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def feature_dim(self) -> int:
+        """S + D, the width of :meth:`features`."""
+        return self.stoch + self.deter
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"action_dim={self.action_dim}, embed_dim={self.embed_dim}, stoch={self.stoch}, deter={self.deter}, "
+                f"hidden={self.hidden}, cell={c.cell!r}, act={c.act!r}, std_mode={c.std_mode!r}, "
+                f"min_std={c.min_std}, norm={c.norm}")
+
+    def weights(self) -> reference.StepWeights:
+        """The step's weights as a :class:`fastwm.reference.StepWeights` (the layout the kernels read)."""
+        cell = self.cell
+        if isinstance(cell, nn.GRUCell):
+            cw, cw2, cb, cb2, cnw, cnb = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, None, None
+        elif isinstance(cell, LayerNormGRUCell):
+            cw, cw2, cb, cb2, cnw, cnb = cell.weight, None, None, None, cell.norm.weight, cell.norm.bias
+        else:
+            cw = cw2 = cb = cb2 = cnw = cnb = None
+        return reference.StepWeights(
+            self.inp.weight, self.inp.bias, *_nw(self.inp_norm),
+            cw, cw2, cb, cb2, cnw, cnb,
+            self.prior1.weight, self.prior1.bias, *_nw(self.prior1_norm), self.prior2.weight, self.prior2.bias,
+            self.post1.weight, self.post1.bias, *_nw(self.post1_norm), self.post2.weight, self.post2.bias,
+        )
+
+    def _like(self) -> Tensor:
+        return self.prior2.weight
+
+    def initial(self, batch_size: int) -> State:
+        """The initial state: zeros for deter, stoch and mean, ones for std (TorchRL's and Dreamer V1's zero state)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        w = self._like()
+        zeros = torch.zeros(batch_size, self.stoch, device=w.device, dtype=w.dtype)
+        return State(w.new_zeros(batch_size, self.deter), zeros, zeros.clone(), torch.ones_like(zeros))
+
+    def features(self, state: State) -> Tensor:
+        """cat([stoch, deter]) along the last dim: [..., S + D]."""
+        return torch.cat([state.stoch, state.deter], dim=-1)
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _check_state(self, state: object, name: str = "state") -> State:
+        if not isinstance(state, State):
+            if isinstance(state, tuple) and len(state) == 4:
+                state = State(*state)
+            else:
+                raise TypeError(f"{name} must be a fastwm.State (deter, stoch, mean, std), got {type(state).__name__}")
+        w = self._like()
+        for field, width in (("deter", self.deter), ("stoch", self.stoch)):
+            t = getattr(state, field)
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[-1] != width:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}.{field} must have shape [B, {width}], got {got}")
+            if t.dtype != w.dtype or t.device != w.device:
+                raise TypeError(f"{name}.{field} must be {w.dtype} on {w.device} like the RSSM's parameters, "
+                                f"got {t.dtype} on {t.device}")
+        if state.deter.shape[0] != state.stoch.shape[0]:
+            raise ValueError(f"{name}.deter and {name}.stoch must have the same batch size, got "
+                             f"{state.deter.shape[0]} and {state.stoch.shape[0]}")
+        return state
+
+    def _check_input(self, name: str, t: object, width: int, lead: tuple[int, ...]) -> Tensor:
+        w = self._like()
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        want = (*lead, width)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {list(want)} (width {width}), got {list(t.shape)}")
+        if t.dtype != w.dtype:
+            raise TypeError(f"{name} must have the RSSM parameters' dtype {w.dtype}, got {t.dtype}")
+        if t.device != w.device:
+            raise ValueError(f"{name} must be on the RSSM parameters' device {w.device}, got {t.device}")
+        return t
+
+    def img_step(self, state: State, action: Tensor, noise: Tensor | None = None, *,
+                 generator: torch.Generator | None = None) -> State:
+        """The prior step (imagination): state at t-1 and action [B, A] -> the prior State at t. ``noise`` [B, S]."""
+        state = self._check_state(state)
+        b = state.stoch.shape[0]
+        action = self._check_input("action", action, self.action_dim, (b,))
+        if noise is not None:
+            noise = self._check_input("noise", noise, self.stoch, (b,))
+        deter, z, mean, std = prior_step(self.config, self.weights(), state.stoch, action, state.deter, noise,
+                                         generator=generator)
+        return State(deter, z, mean, std)
+
+    def obs_step(self, state: State, action: Tensor, embed: Tensor, noise: Tensor | None = None, *,
+                 prior_noise: Tensor | None = None, generator: torch.Generator | None = None,
+                 return_kl: bool = False) -> tuple[State, State] | tuple[State, State, Tensor]:
+        """The posterior step: state at t-1, action [B, A] and embedding [B, E] at t -> (post, prior) States at t.
+
+        ``noise`` [B, S] is the posterior's; the prior's sample uses ``prior_noise`` (drawn when None). With
+        ``return_kl`` it also returns KL(post || prior) [B], computed by the same fused step."""
+        state = self._check_state(state)
+        b = state.stoch.shape[0]
+        action = self._check_input("action", action, self.action_dim, (b,))
+        embed = self._check_input("embed", embed, self.embed_dim, (b,))
+        if noise is not None:
+            noise = self._check_input("noise", noise, self.stoch, (b,))
+        if prior_noise is not None:
+            prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b,))
+        deter, qz, qm, qs, pz, pm, ps, kl = posterior_step(self.config, self.weights(), state.stoch, action,
+                                                           state.deter, embed, noise, prior_noise,
+                                                           generator=generator)
+        post, prior = State(deter, qz, qm, qs), State(deter, pz, pm, ps)
+        return (post, prior, kl) if return_kl else (post, prior)
+
+    def _reset(self, state: State, action: Tensor, first: Tensor) -> tuple[State, Tensor]:
+        init = self.initial(state.stoch.shape[0])
+        keep = ~first[:, None]
+        state = State(*(torch.where(keep, s, i) for s, i in zip(state, init)))
+        return state, action * keep.to(action.dtype)
+
+    def observe(self, embed: Tensor, action: Tensor, is_first: Tensor | None = None, state: State | None = None,
+                noise: Tensor | None = None, *, generator: torch.Generator | None = None,
+                return_kl: bool = False) -> tuple[State, State] | tuple[State, State, Tensor]:
+        """Filter a sequence: embed [B, T, E], action [B, T, A] -> (post, prior), States with [B, T, ...] fields.
+
+        ``is_first`` [B, T] (bool) resets a row to :meth:`initial` before step t and zeroes its action there, as
+        dreamerv3-torch does; ``state`` is the state before step 0 (:meth:`initial` when None); ``noise``
+        [B, T, S] is the posterior's noise. With ``return_kl``, also KL(post || prior) [B, T]."""
+        if not isinstance(embed, Tensor) or embed.dim() != 3:
+            raise ValueError(f"embed must have shape [B, T, {self.embed_dim}], got "
+                             f"{list(embed.shape) if isinstance(embed, Tensor) else type(embed).__name__}")
+        b, t_len = embed.shape[:2]
+        embed = self._check_input("embed", embed, self.embed_dim, (b, t_len))
+        action = self._check_input("action", action, self.action_dim, (b, t_len))
+        if noise is not None:
+            noise = self._check_input("noise", noise, self.stoch, (b, t_len))
+        if is_first is not None:
+            if not isinstance(is_first, Tensor) or tuple(is_first.shape) != (b, t_len):
+                got = list(is_first.shape) if isinstance(is_first, Tensor) else type(is_first).__name__
+                raise ValueError(f"is_first must have shape [{b}, {t_len}], got {got}")
+            if is_first.device != embed.device:
+                raise ValueError(f"is_first must be on {embed.device}, got {is_first.device}")
+            is_first = is_first.bool()
+        state = self.initial(b) if state is None else self._check_state(state)
+        if state.stoch.shape[0] != b:
+            raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
+        posts, priors, kls = [], [], []
+        for t in range(t_len):
+            a = action[:, t]
+            if is_first is not None:
+                state, a = self._reset(state, a, is_first[:, t])
+            post, prior, kl = self.obs_step(state, a, embed[:, t], None if noise is None else noise[:, t],
+                                            generator=generator, return_kl=True)
+            posts.append(post)
+            priors.append(prior)
+            kls.append(kl)
+            state = post
+        post_s, prior_s = stack_states(posts), stack_states(priors)
+        return (post_s, prior_s, torch.stack(kls, dim=1)) if return_kl else (post_s, prior_s)
+
+    def imagine(self, actions: Tensor, state: State, noise: Tensor | None = None, *,
+                generator: torch.Generator | None = None) -> State:
+        """Open-loop prior rollout: actions [B, H, A] from ``state`` -> State with [B, H, ...] fields (differentiable).
+        ``noise`` [B, H, S]."""
+        state = self._check_state(state)
+        b = state.stoch.shape[0]
+        if not isinstance(actions, Tensor) or actions.dim() != 3:
+            raise ValueError(f"actions must have shape [B, H, {self.action_dim}], got "
+                             f"{list(actions.shape) if isinstance(actions, Tensor) else type(actions).__name__}")
+        h_len = actions.shape[1]
+        actions = self._check_input("actions", actions, self.action_dim, (b, h_len))
+        if noise is not None:
+            noise = self._check_input("noise", noise, self.stoch, (b, h_len))
+        states = []
+        for t in range(h_len):
+            state = self.img_step(state, actions[:, t], None if noise is None else noise[:, t], generator=generator)
+            states.append(state)
+        return stack_states(states)
+
+    def rollout(self, policy: Callable[[Tensor], Tensor], state: State, horizon: int, *,
+                generator: torch.Generator | None = None) -> tuple[State, Tensor]:
+        """Closed-loop imagination: a_t = policy(features(state_t)), state_{t+1} = img_step(state_t, a_t), for
+        ``horizon`` steps -> (State [B, H, ...], actions [B, H, A])."""
+        state = self._check_state(state)
+        if not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"horizon must be a positive int, got {horizon!r}")
+        if not callable(policy):
+            raise TypeError(f"policy must be callable (features [B, S + D] -> actions [B, A]), got "
+                            f"{type(policy).__name__}")
+        b = state.stoch.shape[0]
+        states, actions = [], []
+        for _ in range(horizon):
+            a = policy(self.features(state))
+            a = self._check_input("policy output", a, self.action_dim, (b,))
+            state = self.img_step(state, a, generator=generator)
+            states.append(state)
+            actions.append(a)
+        return stack_states(states), torch.stack(actions, dim=1)

@@ -1,0 +1,79 @@
+"""The RSSM step, functional: the prior step and the posterior step, each one fused Triton launch forward and one
+backward (plus the weight gradients as a few matrix products over the batch).
+
+:class:`fastwm.RSSM` calls these; they take the step's :class:`fastwm.reference.StepConfig` and
+:class:`fastwm.reference.StepWeights` and dispatch on the active backend like every fastwm op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backend import use_triton
+from ._validation import check_generator, check_values
+
+__all__ = ["prior_step", "posterior_step"]
+
+
+def _noise(noise: Tensor | None, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    if noise is not None:
+        return noise
+    device = like.device if generator is None else generator.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def _values(stoch: Tensor, action: Tensor, deter: Tensor, embed: Tensor | None = None) -> None:
+    finite = {"state.stoch": stoch, "action": action, "state.deter": deter}
+    if embed is not None:
+        finite["embed"] = embed
+    check_values(finite)
+
+
+def prior_step(
+    cfg: reference.StepConfig,
+    w: reference.StepWeights,
+    stoch: Tensor,
+    action: Tensor,
+    deter: Tensor,
+    noise: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One prior step: stoch [B, S], action [B, A], deter [B, D] -> (deter' [B, D], stoch' [B, S], mean, std).
+
+    ``noise`` [B, S] is used for the sample when given; otherwise the kernels draw it from a seed taken from
+    ``generator`` (the reference backend draws it with torch.randn)."""
+    check_generator(generator)
+    _values(stoch, action, deter)
+    if use_triton(stoch):
+        from .step_ops import fused_prior_step
+
+        return fused_prior_step(cfg, w, stoch, action, deter, noise, generator)
+    return reference.rssm_prior_step(cfg, w, stoch, action, deter, _noise(noise, stoch, generator))
+
+
+def posterior_step(
+    cfg: reference.StepConfig,
+    w: reference.StepWeights,
+    stoch: Tensor,
+    action: Tensor,
+    deter: Tensor,
+    embed: Tensor,
+    noise: Tensor | None = None,
+    prior_noise: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, ...]:
+    """One posterior step: the prior step, the posterior head on [h', embed], both samples and KL(q || p).
+
+    Returns (deter', post_stoch, post_mean, post_std, prior_stoch, prior_mean, prior_std, kl [B])."""
+    check_generator(generator)
+    _values(stoch, action, deter, embed)
+    if use_triton(stoch):
+        from .step_ops import fused_posterior_step
+
+        return fused_posterior_step(cfg, w, stoch, action, deter, embed, noise, prior_noise, generator)
+    return reference.rssm_posterior_step(cfg, w, stoch, action, deter, embed, _noise(noise, stoch, generator),
+                                         _noise(prior_noise, stoch, generator))
