@@ -83,10 +83,11 @@ def assert_close(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dt
 @pytest.fixture
 def poison(monkeypatch: pytest.MonkeyPatch):
     """Make every output the kernels' launchers allocate start as NaN."""
-    from fastwm.kernels import gaussian as kernels
+    from fastwm.kernels import gaussian, rssm
 
     def nan_empty(shape, *, like, dtype=None):
         return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype if dtype is None else dtype)
 
-    monkeypatch.setattr(kernels, "empty", nan_empty)
+    for module in (gaussian, rssm):
+        monkeypatch.setattr(module, "empty", nan_empty)
     return nan_empty
