@@ -18,11 +18,14 @@ from .gaussian import (
 from .kl import KL_MODES, KL_PRESETS, kl_loss
 from .cells import gru_cell, layernorm_gru_cell
 from .rssm import RSSM, LayerNormGRUCell, State
+from .elbo import ELBOTerms, SequenceELBO, gaussian_log_prob, sequence_elbo
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "ELBOTerms",
+    "SequenceELBO",
     "LayerNormGRUCell",
     "RSSM",
     "State",
@@ -32,6 +35,7 @@ __all__ = [
     "backend",
     "gaussian_head_sample_kl",
     "gaussian_kl",
+    "gaussian_log_prob",
     "gaussian_rsample",
     "gaussian_sample_kl",
     "get_backend",
@@ -41,6 +45,7 @@ __all__ = [
     "kl_loss",
     "reference",
     "set_backend",
+    "sequence_elbo",
     "set_validate_args",
     "std_from_raw",
 ]
