@@ -4,7 +4,7 @@ Public surface (see the README): backends, the Gaussian latent ops (std transfor
 fused head entry the RSSM step calls), the KL conventions of the sequence ELBO, and value validation.
 """
 
-from . import reference
+from . import interop, reference
 from ._backend import BACKENDS, backend, get_backend, set_backend
 from ._validation import get_validate_args, set_validate_args
 from .gaussian import (
@@ -40,6 +40,7 @@ __all__ = [
     "gaussian_sample_kl",
     "get_backend",
     "get_validate_args",
+    "interop",
     "gru_cell",
     "layernorm_gru_cell",
     "kl_loss",
