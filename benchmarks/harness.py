@@ -1,9 +1,17 @@
-"""The benchmark harness behind ``python -m fastwm bench``: time the Gaussian cases, print a table, write JSON rows.
+"""The benchmark harness behind ``python -m fastwm bench``: time the Gaussian and the RSSM cases, print a table per
+suite, write JSON rows.
 
-Each row times one case of :mod:`fastwm.benchmarks.bench_gaussian` and reports its bandwidth against the device's
-copy bandwidth measured in the same run (``frac_copy_bw``, the goal metric: fastwm should reach at least 80% of it and
-beat both the eager and the compiled baselines). Timing uses ``triton.testing.do_bench`` on cuda (median, 20th and
-80th percentiles, L2 flushed between calls) and a ``time.perf_counter`` loop on the CPU.
+``--suite gaussian|rssm|all`` picks what runs (default: all for ``bench``; ``demo`` runs the Gaussian suite).
+
+* gaussian: each row times one case of :mod:`fastwm.benchmarks.bench_gaussian` and reports its bandwidth against the
+  device's copy bandwidth measured in the same run (``frac_copy_bw``, the goal metric: fastwm should reach at least
+  80% of it and beat both the eager and the compiled baselines). Rows go to ``DIR/bench_gaussian.json``.
+* rssm: each row times one case of :mod:`fastwm.benchmarks.bench_rssm` (img_step, obs_step, observe; fwd and fwd_bwd;
+  eager, compiled, graphed, fastwm) and reports microseconds per sequential step, row-steps per second, matrix TFLOP/s
+  and speedups against the eager and the graphed providers of the same run. Rows go to ``DIR/bench_rssm.json``.
+
+Timing uses ``triton.testing.do_bench`` on cuda (median, 20th and 80th percentiles, L2 flushed between calls) and a
+``time.perf_counter`` loop on the CPU.
 
 triton is imported lazily, only to time on cuda: without it the fastwm provider is skipped with a note.
 """
@@ -20,12 +28,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import bench_rssm
 from .bench_gaussian import (
     DTYPES,
     MODES,
@@ -37,15 +47,19 @@ from .bench_gaussian import (
     provider_unavailable,
 )
 
-__all__ = ["add_arguments", "run_from_args", "time_fn", "copy_bandwidth_gbps"]
+__all__ = ["add_arguments", "copy_bandwidth_gbps", "run_from_args", "time_fn"]
 
+SUITES = ("gaussian", "rssm", "all")
 JSON_NAME = "bench_gaussian.json"
+RSSM_JSON_NAME = "bench_rssm.json"
 FULL_ROWS = (1024, 65536, 1048576)
 FULL_SIZES = (30, 32, 1024)
 QUICK_ROWS = (256, 1024)
 QUICK_SIZES = (30, 32)
 MAX_INPUT_BYTES = 8 * 2**30  # cases whose inputs exceed this are skipped
 GOAL_FRAC_COPY_BW = 0.8
+RSSM_MIN_REPS = 10  # on cuda, do_bench's repetition time is stretched so that even slow RSSM cases get this many calls
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 Timing = tuple[float, float, float]  # (median, p20, p80) in milliseconds
 
@@ -59,22 +73,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark options to ``parser`` (a subcommand's parser)."""
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out)")
     parser.add_argument(
+        "--suite",
+        default=None,
+        choices=SUITES,
+        help="which benchmarks run: gaussian (DIR/bench_gaussian.json), rssm (DIR/bench_rssm.json) or all "
+        "(default: all; the demo command runs gaussian)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="tiny sizes and few repetitions (always on when the device is cpu)"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", default="float32", help=f"comma list of {', '.join(DTYPES)} (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help=f"comma list of {', '.join(DTYPES)} (or fp32, bf16, fp16) (default: float32 for gaussian; "
+        "float32,bfloat16 for rssm on cuda, float32 on cpu)",
+    )
     parser.add_argument(
         "--providers",
         default=None,
-        help=f"comma list of {', '.join(PROVIDERS)} (default: all; compiled is left out on cpu unless named here)",
-    )
-    parser.add_argument("--ops", default=None, help=f"comma list of {', '.join(OPS)} (default: all)")
-    parser.add_argument("--modes", default=None, help=f"comma list of {', '.join(MODES)} (default: all)")
-    parser.add_argument(
-        "--rows", default=None, help="comma list of row counts B*T (default: 1024,65536,1048576; quick: 256,1024)"
+        help=f"comma list of {', '.join(dict.fromkeys((*PROVIDERS, *bench_rssm.PROVIDERS)))} (graphed: rssm only) "
+        "(default: all; compiled is left out on cpu unless named here)",
     )
     parser.add_argument(
-        "--S", dest="sizes", default=None, help="comma list of latent sizes S (default: 30,32,1024; quick: 30,32)"
+        "--ops",
+        default=None,
+        help=f"comma list of {', '.join(OPS)} (gaussian) and {', '.join(bench_rssm.BENCHMARKS)} (rssm) (default: all)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma list of {', '.join(MODES)} (gaussian) and {', '.join(bench_rssm.MODES)} (rssm); "
+        "forward = fwd and full = fwd_bwd name the same mode in either suite (default: all)",
+    )
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="gaussian: comma list of row counts B*T (default: 1024,65536,1048576; quick: 256,1024)",
+    )
+    parser.add_argument(
+        "--S",
+        dest="sizes",
+        default=None,
+        help="gaussian: comma list of latent sizes S (default: 30,32,1024; quick: 30,32)",
+    )
+    parser.add_argument(
+        "--rssm-sizes",
+        default=None,
+        help=f"rssm: comma list of {', '.join(bench_rssm.SIZES)} (default: all; "
+        "planet: deter 200, stoch 30, hidden 200, GRU, B x T 50 x 50; dreamerv3: 512 / 32 / 512, LayerNorm GRU, "
+        "16 x 64; both action 6, embed 1024; quick: tiny versions, B x T 4 x 4)",
+    )
+    parser.add_argument("--B", type=int, default=None, help="rssm: batch rows B of every size (default: the size's)")
+    parser.add_argument(
+        "--T", type=int, default=None, help="rssm: sequence length T of observe for every size (default: the size's)"
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="rssm: comma list of torch.compile modes for the compiled provider: "
+        f"{', '.join(bench_rssm.COMPILE_MODES)} (default: max-autotune-no-cudagraphs; "
+        "the cpu always compiles in the default mode)",
+    )
+    parser.add_argument(
+        "--tf32",
+        action="store_true",
+        help="rssm: let float32 matrix products of the PyTorch providers use TF32 "
+        "(torch.set_float32_matmul_precision('high'); rows record the precision)",
     )
 
 
@@ -98,6 +163,45 @@ def _ints(value: str | None, default: Sequence[int], what: str) -> list[int]:
     if not out or any(v <= 0 for v in out):
         raise ValueError(f"--{what} takes a comma list of positive integers; got {value!r}")
     return out
+
+
+def _split_names(
+    value: str | None,
+    vocab: dict[str, Sequence[str]],
+    what: str,
+    aliases: dict[str, dict[str, str]] | None = None,
+) -> dict[str, list[str] | None]:
+    """A comma list shared by the suites in ``vocab`` -> per suite, the names it knows (None when ``value`` is None).
+
+    A name may be spelled through ``aliases[suite]``; a name no suite in play knows is an error. A suite may get an
+    empty list: the caller skips it."""
+    if value is None:
+        return {suite: None for suite in vocab}
+    aliases = aliases or {}
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    out: dict[str, list[str]] = {suite: [] for suite in vocab}
+    bad = []
+    for name in names:
+        known = False
+        for suite, allowed in vocab.items():
+            canonical = aliases.get(suite, {}).get(name, name)
+            if canonical in allowed:
+                known = True
+                if canonical not in out[suite]:
+                    out[suite].append(canonical)
+        if not known:
+            bad.append(name)
+    if bad or not names:
+        allowed_all = ", ".join(dict.fromkeys(n for allowed in vocab.values() for n in allowed))
+        raise ValueError(f"--{what} takes a comma list of {allowed_all}; got {value!r}")
+    return dict(out)
+
+
+def _dtype_names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    spelled = ",".join(DTYPE_ALIASES.get(v.strip(), v.strip()) for v in value.split(","))
+    return _names(spelled, tuple(DTYPES), "dtype")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -175,9 +279,9 @@ def _time_cpu(fn: Callable[[], object], quick: bool) -> Timing:
     return _quantiles(times)
 
 
-def _time_cuda_events(fn: Callable[[], object], quick: bool) -> Timing:
+def _time_cuda_events(fn: Callable[[], object], quick: bool, min_reps: int = 0) -> Timing:
     """CUDA-event timing per call, for cuda without triton (do_bench lives in triton)."""
-    reps = 20 if quick else 100
+    reps = max(20 if quick else 100, min_reps)
     fn()
     torch.cuda.synchronize()
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -189,15 +293,31 @@ def _time_cuda_events(fn: Callable[[], object], quick: bool) -> Timing:
     return _quantiles([start.elapsed_time(end) for start, end in pairs])
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, quick: bool) -> Timing:
-    """(median, p20, p80) milliseconds of one call of ``fn`` on ``device``."""
+def _estimate_ms(fn: Callable[[], object], calls: int = 3) -> float:
+    """Wall milliseconds of one call on cuda (synchronized), averaged over a few calls."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, quick: bool, min_reps: int = 0) -> Timing:
+    """(median, p20, p80) milliseconds of one call of ``fn`` on ``device``.
+
+    ``min_reps``: on cuda, stretch do_bench's warm-up and repetition times so that at least about this many calls are
+    timed (do_bench otherwise times 100 ms worth of calls, a couple of calls for a slow case)."""
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
-            return _time_cuda_events(fn, quick)
+            return _time_cuda_events(fn, quick, min_reps)
         from triton.testing import do_bench
 
-        kwargs = {"warmup": 5, "rep": 20} if quick else {}
-        median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], **kwargs)
+        warmup, rep = (5, 20) if quick else (25, 100)
+        if min_reps > 0:
+            est = _estimate_ms(fn)
+            warmup, rep = max(warmup, int(2 * est) + 1), max(rep, int(1.2 * min_reps * est) + 1)
+        median, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return float(median), float(p20), float(p80)
     return _time_cpu(fn, quick)
 
@@ -290,6 +410,92 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+_MODE_ALIASES = {
+    "gaussian": {"fwd": "forward", "fwd_bwd": "full"},
+    "rssm": {"forward": "fwd", "full": "fwd_bwd"},
+}
+_OP_ALIASES = {"rssm": {f"rssm_{b}": b for b in bench_rssm.BENCHMARKS}}
+
+
+@dataclass
+class _GaussianPlan:
+    dtype_names: list[str]
+    providers: list[str] | None  # None: the default set
+    ops: list[str]
+    modes: list[str]
+    row_counts: list[int]
+    sizes: list[int]
+
+
+@dataclass
+class _RSSMPlan:
+    dtype_names: list[str]
+    providers: list[str] | None  # None: the default set
+    benchmarks: list[str]
+    modes: list[str]
+    sizes: list[bench_rssm.RSSMSize]
+    compile_modes: list[str]
+    tf32: bool
+
+
+def _plans(
+    args: argparse.Namespace, device: torch.device, quick: bool
+) -> tuple[_GaussianPlan | None, _RSSMPlan | None, list[str]]:
+    """The suites to run and their cases, from ``args``; notes on suites left out. Raises ValueError on bad args."""
+    suite = getattr(args, "suite", None) or ("gaussian" if getattr(args, "command", None) == "demo" else "all")
+    if suite not in SUITES:
+        raise ValueError(f"--suite takes one of {', '.join(SUITES)}; got {suite!r}")
+    suites = ("gaussian", "rssm") if suite == "all" else (suite,)
+    vocab_ops = {"gaussian": OPS, "rssm": bench_rssm.BENCHMARKS}
+    vocab_providers = {"gaussian": PROVIDERS, "rssm": bench_rssm.PROVIDERS}
+    vocab_modes = {"gaussian": MODES, "rssm": bench_rssm.MODES}
+    ops = _split_names(getattr(args, "ops", None), {k: vocab_ops[k] for k in suites}, "ops", _OP_ALIASES)
+    providers = _split_names(getattr(args, "providers", None), {k: vocab_providers[k] for k in suites}, "providers")
+    modes = _split_names(getattr(args, "modes", None), {k: vocab_modes[k] for k in suites}, "modes", _MODE_ALIASES)
+    dtype_names = _dtype_names(getattr(args, "dtype", None))
+
+    notes: list[str] = []
+    runs: dict[str, bool] = {}
+    for name in suites:
+        selections = (("--ops", ops), ("--providers", providers), ("--modes", modes))
+        empty = [what for what, sel in selections if sel[name] == []]
+        runs[name] = not empty
+        if empty:
+            notes.append(f"{name} suite skipped: {' and '.join(empty)} named nothing it has")
+    if not any(runs.values()):
+        raise ValueError("nothing to run: " + "; ".join(notes))
+
+    gaussian = None
+    if runs.get("gaussian"):
+        gaussian = _GaussianPlan(
+            dtype_names=dtype_names or ["float32"],
+            providers=providers["gaussian"],
+            ops=ops["gaussian"] or list(OPS),
+            modes=modes["gaussian"] or list(MODES),
+            row_counts=_ints(getattr(args, "rows", None), QUICK_ROWS if quick else FULL_ROWS, "rows"),
+            sizes=_ints(getattr(args, "sizes", None), QUICK_SIZES if quick else FULL_SIZES, "S"),
+        )
+    rssm = None
+    if runs.get("rssm"):
+        size_names = _names(getattr(args, "rssm_sizes", None), tuple(bench_rssm.SIZES), "rssm-sizes")
+        b, t = getattr(args, "B", None), getattr(args, "T", None)
+        for flag, value in (("B", b), ("T", t)):
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag} takes a positive integer; got {value!r}")
+        compile_modes = _names(getattr(args, "compile_mode", None), bench_rssm.COMPILE_MODES, "compile-mode")
+        default_dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
+        rssm = _RSSMPlan(
+            dtype_names=dtype_names or default_dtypes,
+            providers=providers["rssm"],
+            benchmarks=ops["rssm"] or list(bench_rssm.BENCHMARKS),
+            modes=modes["rssm"] or list(bench_rssm.MODES),
+            sizes=[bench_rssm.size_for(n, quick, B=b, T=t) for n in (size_names or list(bench_rssm.SIZES))],
+            compile_modes=compile_modes or ["max-autotune-no-cudagraphs"],
+            tf32=bool(getattr(args, "tf32", False)),
+        )
+    return gaussian, rssm, notes
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (see :func:`add_arguments`); 0 on success, 1 when a case failed,
     2 on bad arguments."""
@@ -297,23 +503,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda, but torch.cuda.is_available() is False")
-        dtype_names = _names(args.dtype, tuple(DTYPES), "dtype") or ["float32"]
-        explicit = _names(args.providers, PROVIDERS, "providers")
-        ops = _names(args.ops, OPS, "ops") or list(OPS)
-        modes = _names(args.modes, MODES, "modes") or list(MODES)
         quick = bool(args.quick) or device.type == "cpu"
-        row_counts = _ints(args.rows, QUICK_ROWS if quick else FULL_ROWS, "rows")
-        sizes = _ints(args.sizes, QUICK_SIZES if quick else FULL_SIZES, "S")
+        gaussian, rssm, suite_notes = _plans(args, device, quick)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    notes: list[str] = []
-    providers = explicit if explicit is not None else list(PROVIDERS)
-    if explicit is None and device.type == "cpu":
-        providers.remove("compiled")
-        notes.append("compiled skipped on cpu (torch.compile is slow there): ask for it with --providers")
-    providers.sort(key=PROVIDERS.index)  # eager first, so that every other row has its speedup
+    for note in suite_notes:
+        print(f"note: {note}")
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # so that do_bench's events and L2 flush buffer land on the chosen GPU
@@ -324,13 +520,38 @@ def run_from_args(args: argparse.Namespace) -> int:
         "commit": _git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    status = 0
+    if gaussian is not None:
+        status = max(status, _run_gaussian(gaussian, args.out, device, quick, meta))
+    if rssm is not None:
+        if gaussian is not None:
+            print()
+        status = max(status, _run_rssm(rssm, args.out, device, quick, meta))
+    return status
+
+
+def _default_providers(
+    explicit: list[str] | None, all_providers: Sequence[str], device: torch.device, notes: list[str]
+) -> list[str]:
+    providers = list(explicit) if explicit is not None else list(all_providers)
+    if explicit is None and device.type == "cpu":
+        providers.remove("compiled")
+        notes.append("compiled skipped on cpu (torch.compile is slow there): ask for it with --providers")
+    providers.sort(key=list(all_providers).index)  # eager first, so that every other row has its speedup
+    return providers
+
+
+def _run_gaussian(plan: _GaussianPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any]) -> int:
+    """The Gaussian suite: table, notes and DIR/bench_gaussian.json; 0, or 1 when a case failed."""
+    notes: list[str] = []
+    providers = _default_providers(plan.providers, PROVIDERS, device, notes)
     copy_gbps = copy_bandwidth_gbps(device, quick)
     _progress(f"device {meta['device']} ({device}), copy bandwidth {copy_gbps:.1f} GB/s, quick={quick}")
 
     rows: list[dict[str, Any]] = []
     failures = 0
     skipped_reasons: set[tuple[str, str]] = set()
-    for dtype_name in dtype_names:
+    for dtype_name in plan.dtype_names:
         dtype = DTYPES[dtype_name]
         for provider in providers:
             reason = provider_unavailable(provider, device, dtype)
@@ -338,10 +559,10 @@ def run_from_args(args: argparse.Namespace) -> int:
                 skipped_reasons.add((provider, reason))
                 notes.append(f"{provider} skipped ({dtype_name}): {reason}")
         runnable = [p for p in providers if provider_unavailable(p, device, dtype) is None]
-        for op in ops:
-            for mode in modes:
-                for n_rows in row_counts:
-                    for s in sizes:
+        for op in plan.ops:
+            for mode in plan.modes:
+                for n_rows in plan.row_counts:
+                    for s in plan.sizes:
                         if input_bytes(op, n_rows, s, dtype) > MAX_INPUT_BYTES:
                             notes.append(f"{op} {n_rows}x{s} {dtype_name} skipped: inputs exceed 8 GiB")
                             continue
@@ -374,8 +595,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(summary)
     for note in dict.fromkeys(notes):
         print(f"note: {note}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / JSON_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / JSON_NAME
     path.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {len(rows)} rows to {path}")
     return 1 if failures else 0
@@ -431,4 +652,224 @@ def _run_case(
         "gbps": case.bytes_moved / (median * 1e-3) / 1e9,
         "bytes_moved": case.bytes_moved,
         "peak_mem_mb": peak,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The RSSM suite
+# ----------------------------------------------------------------------------------------------------------------------
+
+_RSSM_ROW_KEYS = (
+    "benchmark",
+    "mode",
+    "provider",
+    "compile_mode",
+    "size",
+    "B",
+    "T",
+    "deter",
+    "stoch",
+    "hidden",
+    "embed",
+    "action",
+    "cell",
+    "act",
+    "norm",
+    "std_mode",
+    "dtype",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "us_per_step",
+    "row_steps_per_s",
+    "flop_per_row_step",
+    "tflops",
+    "speedup_vs_eager",
+    "speedup_vs_graphed",
+    "peak_mem_mb",
+    "fp32_matmul_precision",
+    "device",
+    "torch",
+    "triton",
+    "commit",
+    "date",
+)
+
+
+def _rssm_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return r["benchmark"], r["mode"], r["size"], r["B"], r["T"], r["dtype"]
+
+
+def _rssm_speedups(rows: list[dict[str, Any]]) -> None:
+    """speedup_vs_eager and speedup_vs_graphed: the baseline's median over the row's, where both ran in this run."""
+    for base_provider, field in (("eager", "speedup_vs_eager"), ("graphed", "speedup_vs_graphed")):
+        base = {_rssm_key(r): r["median_ms"] for r in rows if r["provider"] == base_provider}
+        for r in rows:
+            b = base.get(_rssm_key(r))
+            r[field] = b / r["median_ms"] if b is not None and r["median_ms"] > 0 else None
+
+
+def _provider_label(r: dict[str, Any], device_type: str) -> str:
+    short = {"reduce-overhead": "compiled-ro", "default": "compiled-d"}
+    if r["provider"] == "compiled" and r["compile_mode"] in short and device_type == "cuda":
+        return short[r["compile_mode"]]
+    return r["provider"]
+
+
+def print_rssm_table(rows: list[dict[str, Any]], device_type: str = "cuda") -> None:
+    """The RSSM rows as a fixed-width table on stdout (provider compiled-ro: mode reduce-overhead, compiled-d: the
+    default mode; plain compiled: max-autotune-no-cudagraphs on cuda, the default mode on the cpu)."""
+    header = (
+        f"{'benchmark':<16} {'mode':<7} {'provider':<11} {'size':<9} {'BxT':>7} {'dtype':<8} {'median_ms':>10} "
+        f"{'p20_ms':>9} {'p80_ms':>9} {'us/step':>9} {'rowstep/s':>9} {'TFLOP/s':>7} {'vs_eager':>8} "
+        f"{'vs_graph':>8} {'peak_MB':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['benchmark']:<16} {r['mode']:<7} {_provider_label(r, device_type):<11} {r['size']:<9} "
+            f"{str(r['B']) + 'x' + str(r['T']):>7} {r['dtype']:<8} {r['median_ms']:>10.4f} {r['p20_ms']:>9.4f} "
+            f"{r['p80_ms']:>9.4f} {r['us_per_step']:>9.1f} {_fmt(r['row_steps_per_s'], '>9.3g')} "
+            f"{_fmt(r['tflops'], '>7.3g')} "
+            f"{_fmt(r['speedup_vs_eager'], '>7.3g')}x {_fmt(r['speedup_vs_graphed'], '>7.3g')}x "
+            f"{_fmt(r['peak_mem_mb'], '>8.1f')}"
+        )
+
+
+def _rssm_summary(rows: list[dict[str, Any]]) -> str | None:
+    """How many fastwm rows beat every baseline of the same case measured in this run."""
+    fused = [r for r in rows if r["provider"] == "fastwm"]
+    if not fused:
+        return None
+    best: dict[tuple[Any, ...], float] = {}
+    for r in rows:
+        if r["provider"] != "fastwm":
+            key = _rssm_key(r)
+            best[key] = min(best.get(key, float("inf")), r["median_ms"])
+    met = sum(int(r["median_ms"] < best.get(_rssm_key(r), float("inf"))) for r in fused)
+    return f"fastwm faster than every baseline measured (eager, compiled, graphed): {met} of {len(fused)} fastwm rows"
+
+
+def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any]) -> int:
+    """The RSSM suite: table, notes and DIR/bench_rssm.json; 0, or 1 when a case failed."""
+    notes: list[str] = []
+    providers = _default_providers(plan.providers, bench_rssm.PROVIDERS, device, notes)
+    previous_precision = torch.get_float32_matmul_precision()
+    if plan.tf32:
+        torch.set_float32_matmul_precision("high")
+    _progress(
+        f"device {meta['device']} ({device}), rssm sizes {', '.join(s.name for s in plan.sizes)}, quick={quick}, "
+        f"float32 matmul precision {torch.get_float32_matmul_precision()}"
+    )
+    if "observe" in plan.benchmarks:
+        notes.append(
+            "observe: every provider gets the same posterior noise; the prior's sample noise is drawn inside the call "
+            "(observe takes none): by torch.randn in the reference (eager, compiled, graphed)"
+        )
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    skipped_reasons: set[tuple[str, str]] = set()
+    try:
+        for dtype_name in plan.dtype_names:
+            dtype = DTYPES[dtype_name]
+            for provider in providers:
+                reason = bench_rssm.provider_unavailable(provider, device, dtype)
+                if reason is not None and (provider, reason) not in skipped_reasons:
+                    skipped_reasons.add((provider, reason))
+                    notes.append(f"{provider} skipped ({dtype_name}): {reason}")
+            runnable = [p for p in providers if bench_rssm.provider_unavailable(p, device, dtype) is None]
+            variants = [(p, m) for p in runnable for m in (plan.compile_modes if p == "compiled" else [None])]
+            for benchmark in plan.benchmarks:
+                for mode in plan.modes:
+                    for size in plan.sizes:
+                        for provider, compile_mode in variants:
+                            name = bench_rssm.case_id(benchmark, mode, provider, size, dtype, compile_mode)
+                            try:
+                                row = _run_rssm_case(
+                                    benchmark, mode, provider, size, dtype, device, quick, compile_mode
+                                )
+                            except torch.OutOfMemoryError:
+                                notes.append(f"{name} skipped: out of device memory")
+                                row = None
+                            except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
+                                failures += 1
+                                notes.append(f"{name} FAILED: {type(exc).__name__}: {exc}")
+                                row = None
+                            finally:
+                                gc.collect()
+                                if device.type == "cuda":
+                                    torch.cuda.empty_cache()
+                            if row is None:
+                                continue
+                            row.update(meta)
+                            rows.append(row)
+                            _progress(f"{name}: {row['median_ms']:.4f} ms, {row['us_per_step']:.1f} us/step")
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
+
+    _rssm_speedups(rows)
+    rows = [{k: r[k] for k in _RSSM_ROW_KEYS} for r in rows]
+    print_rssm_table(rows, device.type)
+    summary = _rssm_summary(rows)
+    if summary:
+        print(summary)
+    for note in dict.fromkeys(notes):
+        print(f"note: {note}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RSSM_JSON_NAME
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {len(rows)} rows to {path}")
+    return 1 if failures else 0
+
+
+def _run_rssm_case(
+    benchmark: str,
+    mode: str,
+    provider: str,
+    size: bench_rssm.RSSMSize,
+    dtype: torch.dtype,
+    device: torch.device,
+    quick: bool,
+    compile_mode: str | None,
+) -> dict[str, Any]:
+    """Build (the graphed provider captures here), warm up (compiles), measure peak memory and time one RSSM case;
+    the row without run-wide fields."""
+    kwargs = {} if compile_mode is None else {"compile_mode": compile_mode}
+    case = bench_rssm.build_case(benchmark, mode, provider, size, dtype, device, **kwargs)
+    case.fn()
+    _sync(device)
+    peak = case.peak_mem_mb if case.peak_mem_mb is not None else _peak_mem_mb(case.fn, device)
+    median, p20, p80 = time_fn(case.fn, device, quick, min_reps=RSSM_MIN_REPS)
+    steps = bench_rssm.steps_per_call(size, benchmark)
+    flop = bench_rssm.flop_per_row_step(size, benchmark, mode)
+    n_row_steps = bench_rssm.row_steps(size, benchmark)
+    seconds = median * 1e-3
+    return {
+        "benchmark": f"rssm_{benchmark}",
+        "mode": mode,
+        "provider": provider,
+        "compile_mode": case.compile_mode,
+        "size": size.name,
+        "B": size.B,
+        "T": steps,
+        "deter": size.deter,
+        "stoch": size.stoch,
+        "hidden": size.hidden,
+        "embed": size.embed,
+        "action": size.action,
+        "cell": size.cell,
+        "act": size.act,
+        "norm": size.norm,
+        "std_mode": size.std_mode,
+        "dtype": str(dtype).removeprefix("torch."),
+        "median_ms": median,
+        "p20_ms": p20,
+        "p80_ms": p80,
+        "us_per_step": median * 1e3 / steps,
+        "row_steps_per_s": n_row_steps / seconds if seconds > 0 else None,
+        "flop_per_row_step": flop,
+        "tflops": flop * n_row_steps / seconds / 1e12 if seconds > 0 else None,
+        "peak_mem_mb": peak,
+        "fp32_matmul_precision": torch.get_float32_matmul_precision(),
     }
