@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from ._backend import use_triton
+from .rollout import imagine_fused, needs_grad, pack_mlp
 from .step import posterior_step, prior_step
 
 __all__ = ["RSSM", "State", "LayerNormGRUCell"]
@@ -311,8 +313,11 @@ class RSSM(nn.Module):
 
     def imagine(self, actions: Tensor, state: State, noise: Tensor | None = None, *,
                 generator: torch.Generator | None = None) -> State:
-        """Open-loop prior rollout: actions [B, H, A] from ``state`` -> State with [B, H, ...] fields (differentiable).
-        ``noise`` [B, H, S]."""
+        """Open-loop prior rollout: actions [B, H, A] from ``state`` -> State with [B, H, ...] fields. ``noise``
+        [B, H, S].
+
+        Differentiable (one fused step per t) when a gradient is needed; otherwise (``torch.no_grad()``, or nothing
+        requires grad) the whole horizon runs in one kernel launch on the Triton backend."""
         state = self._check_state(state)
         b = state.stoch.shape[0]
         if not isinstance(actions, Tensor) or actions.dim() != 3:
@@ -322,6 +327,11 @@ class RSSM(nn.Module):
         actions = self._check_input("actions", actions, self.action_dim, (b, h_len))
         if noise is not None:
             noise = self._check_input("noise", noise, self.stoch, (b, h_len))
+        if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
+            # No gradient needed: the whole horizon in one kernel launch.
+            out = imagine_fused(self.config, self.weights(), state.stoch, state.deter, h_len, actions=actions,
+                                noise=noise, generator=generator)
+            return State(out.deter, out.stoch, out.mean, out.std)
         states = []
         for t in range(h_len):
             state = self.img_step(state, actions[:, t], None if noise is None else noise[:, t], generator=generator)
@@ -331,7 +341,10 @@ class RSSM(nn.Module):
     def rollout(self, policy: Callable[[Tensor], Tensor], state: State, horizon: int, *,
                 generator: torch.Generator | None = None) -> tuple[State, Tensor]:
         """Closed-loop imagination: a_t = policy(features(state_t)), state_{t+1} = img_step(state_t, a_t), for
-        ``horizon`` steps -> (State [B, H, ...], actions [B, H, A])."""
+        ``horizon`` steps -> (State [B, H, ...], actions [B, H, A]).
+
+        When no gradient is needed and ``policy`` is a plain MLP (see :func:`fastwm.rollout.pack_mlp`), the whole
+        loop, the policy included, runs in one kernel launch on the Triton backend."""
         state = self._check_state(state)
         if not isinstance(horizon, int) or horizon < 1:
             raise ValueError(f"horizon must be a positive int, got {horizon!r}")
@@ -339,6 +352,14 @@ class RSSM(nn.Module):
             raise TypeError(f"policy must be callable (features [B, S + D] -> actions [B, A]), got "
                             f"{type(policy).__name__}")
         b = state.stoch.shape[0]
+        if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, module=self) and not (
+                isinstance(policy, nn.Module) and needs_grad(module=policy)):
+            packed = pack_mlp(policy, self.feature_dim, self.action_dim)
+            if packed is not None and packed.layers[0][0].dtype == state.stoch.dtype:
+                # A plain MLP policy and no gradient needed: the closed loop runs inside one kernel launch.
+                out = imagine_fused(self.config, self.weights(), state.stoch, state.deter, horizon, policy=packed,
+                                    generator=generator)
+                return State(out.deter, out.stoch, out.mean, out.std), out.actions
         states, actions = [], []
         for _ in range(horizon):
             a = policy(self.features(state))

@@ -31,7 +31,7 @@ __all__ = ["CELL_IDS", "ACT_IDS", "step_fwd", "step_bwd", "gru_cell_fwd", "gru_c
            "lngru_cell_bwd", "BLOCK_M"]
 
 CELL_IDS = {"gru": 0, "layernorm_gru": 1, "none": 2}
-ACT_IDS = {"elu": 0, "silu": 1}
+ACT_IDS = {"elu": 0, "silu": 1, "relu": 2, "tanh": 3, "identity": 4}
 BLOCK_M = 16  # rows per program: tl.dot needs every block dim >= 16
 
 
@@ -50,10 +50,17 @@ def _tanh(x):
 
 @triton.jit
 def _act(v, ACT: tl.constexpr):
+    # ACT_IDS: 0 ELU (alpha 1), 1 SiLU, 2 ReLU, 3 tanh, 4 identity
     if ACT == 0:
-        y = tl.where(v > 0, v, tl.exp(tl.minimum(v, 0.0)) - 1.0)  # ELU, alpha 1
+        y = tl.where(v > 0, v, tl.exp(tl.minimum(v, 0.0)) - 1.0)
+    elif ACT == 1:
+        y = v * tl.sigmoid(v)
+    elif ACT == 2:
+        y = tl.where(v > 0, v, 0.0)
+    elif ACT == 3:
+        y = _tanh(v)
     else:
-        y = v * tl.sigmoid(v)  # SiLU
+        y = v
     return y
 
 
@@ -61,9 +68,16 @@ def _act(v, ACT: tl.constexpr):
 def _act_grad(v, ACT: tl.constexpr):
     if ACT == 0:
         d = tl.where(v > 0, 1.0, tl.exp(tl.minimum(v, 0.0)))
-    else:
+    elif ACT == 1:
         s = tl.sigmoid(v)
         d = s * (1.0 + v * (1.0 - s))
+    elif ACT == 2:
+        d = tl.where(v > 0, 1.0, 0.0)
+    elif ACT == 3:
+        t = _tanh(v)
+        d = 1.0 - t * t
+    else:
+        d = tl.full(v.shape, 1.0, v.dtype)
     return d
 
 
@@ -215,7 +229,7 @@ def _norm_act_bwd(dy_ptr, pre_ptr, N, nw_ptr, nb_ptr, rstd_ptr, dpre_ptr, dv_ptr
 @triton.jit
 def _gru_fwd(x_ptr, ldx, X, h_ptr, D, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hout_ptr, save_ptr, rows, rmask,
              HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SAVE: tl.constexpr):
     # torch.nn.GRUCell on x [rows, X] (row stride ldx) and h (X dtype, [B, D]); weight_ih [3D, X], weight_hh [3D, D].
     # Gate math in the epilogue of the six products. Saves [r, z, n, W_hn h + b_hn] per row (C, [B, 4D]).
     for nb in range(0, tl.cdiv(D, BLOCK_N)):
@@ -243,11 +257,12 @@ def _gru_fwd(x_ptr, ldx, X, h_ptr, D, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hout_p
         mask = rmask[:, None] & cmask[None, :]
         h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         tl.store(hout_ptr + offs, ((1.0 - z) * n + z * h).to(hout_ptr.dtype.element_ty), mask=mask)
-        soffs = rows[:, None] * (4 * D) + cols[None, :]
-        tl.store(save_ptr + soffs, r, mask=mask)
-        tl.store(save_ptr + soffs + D, z, mask=mask)
-        tl.store(save_ptr + soffs + 2 * D, n, mask=mask)
-        tl.store(save_ptr + soffs + 3 * D, h_n, mask=mask)
+        if SAVE:
+            soffs = rows[:, None] * (4 * D) + cols[None, :]
+            tl.store(save_ptr + soffs, r, mask=mask)
+            tl.store(save_ptr + soffs + D, z, mask=mask)
+            tl.store(save_ptr + soffs + 2 * D, n, mask=mask)
+            tl.store(save_ptr + soffs + 3 * D, h_n, mask=mask)
 
 
 @triton.jit
@@ -367,31 +382,30 @@ def _lngru_bwd(g_ptr, h_ptr, D, nw_ptr, nb_ptr, xhat_ptr, rstd_ptr, dpv_ptr, dpa
 
 
 @triton.jit
-def _gauss_fwd(raw_ptr, S, noise_ptr, seed_ptr, z_ptr, m_ptr, s_ptr, praw_ptr, kl_ptr, rows, rmask,
+def _gauss_fwd(raw_ptr, S, noise_ptr, ldn, seed, z_ptr, ldz, m_ptr, s_ptr, ldo, praw_ptr, kl_ptr, rows, rmask,
                NOISE: tl.constexpr, HAS_KL: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
-               COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-    # raw [B, 2S] (C, mean first) -> mean, std, z = mean + std * noise ([B, S], X); with HAS_KL also
-    # KL(this || prior) summed over S into kl [B] from the prior's raw [B, 2S]. NOISE 1: read, 2: Philox.
+               COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, STORE_MS: tl.constexpr):
+    # raw [B, 2S] (C, mean first) -> z = mean + std * noise ([B, S], row stride ldz) and, with STORE_MS, mean and std
+    # ([B, S], row stride ldo); with HAS_KL also KL(this || prior) summed over S into kl [B] from the prior's raw
+    # [B, 2S]. NOISE 1: read (row stride ldn), 2: Philox from the int64 ``seed``.
     S4 = (S + 3) // 4
-    seed = 0
-    if NOISE == 2:
-        seed = tl.load(seed_ptr)
     kl = tl.zeros([BLOCK_M], dtype=COMPUTE)
     for chunk in range(0, tl.cdiv(S, BLOCK_S)):
         s0 = chunk * BLOCK_S
         cols = s0 + tl.arange(0, BLOCK_S)
         mask = rmask[:, None] & (cols < S)[None, :]
         roffs = rows[:, None] * (2 * S) + cols[None, :]
-        offs = rows[:, None] * S + cols[None, :]
+        offs = rows[:, None] * ldo + cols[None, :]
         mean = tl.load(raw_ptr + roffs, mask=mask, other=0.0)
         std = _std_from_raw(tl.load(raw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
         if NOISE == 1:
-            eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+            eps = tl.load(noise_ptr + rows[:, None] * ldn + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
         else:
             eps = _philox_normal_tile(seed, rows, s0, S4, COMPUTE, BLOCK_M, BLOCK_S)
-        tl.store(m_ptr + offs, mean.to(m_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + offs, std.to(s_ptr.dtype.element_ty), mask=mask)
-        tl.store(z_ptr + offs, (mean + std * eps).to(z_ptr.dtype.element_ty), mask=mask)
+        if STORE_MS:
+            tl.store(m_ptr + offs, mean.to(m_ptr.dtype.element_ty), mask=mask)
+            tl.store(s_ptr + offs, std.to(s_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_ptr + rows[:, None] * ldz + cols[None, :], (mean + std * eps).to(z_ptr.dtype.element_ty), mask=mask)
         if HAS_KL:
             pm = tl.load(praw_ptr + roffs, mask=mask, other=0.0)
             ps = _std_from_raw(tl.load(praw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
@@ -492,7 +506,7 @@ def _step_fwd_kernel(
     # the cell; the heads read h' (or x itself when there is no cell)
     if CELL == 0:
         _gru_fwd(x_act, HD, HD, h_ptr, D, w_c1, w_c2, b_c1, b_c2, hout, c_save, rows, rmask,
-                 HAS_B_C1, HAS_B_C2, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                 HAS_B_C1, HAS_B_C2, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, True)
     elif CELL == 1:
         _lngru_fwd(x_act, HD, HD, h_ptr, D, w_c1, nw_c, nb_c, c_save, c_rstd, hout, rows, rmask,
                    EPS, UPDATE_BIAS, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -512,12 +526,17 @@ def _step_fwd_kernel(
     _linear(p_raw, 2 * S, p_y, HD, HD, p_y, HD, 0, w_p2, HD, 1, 2 * S, b_p2, rows, rmask,
             False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
-    if POST:
-        pseed = seed_ptr + 1  # the posterior step's prior sample takes the second seed
-    else:
-        pseed = seed_ptr
-    _gauss_fwd(p_raw, S, np_ptr, pseed, zp_out, pm_out, ps_out, p_raw, kl_out, rows, rmask,
-               NOISE_P, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
+    q_seed = 0
+    p_seed = 0
+    if NOISE_Q == 2:
+        q_seed = tl.load(seed_ptr)
+    if NOISE_P == 2:
+        if POST:
+            p_seed = tl.load(seed_ptr + 1)  # the posterior step's prior sample takes the second seed
+        else:
+            p_seed = tl.load(seed_ptr)
+    _gauss_fwd(p_raw, S, np_ptr, S, p_seed, zp_out, S, pm_out, ps_out, S, p_raw, kl_out, rows, rmask,
+               NOISE_P, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, True)
     if POST:
         _linear(q_pre, HD, hin, DH, DH, e_ptr, E, E, w_q1, DH + E, 1, HD, b_q1, rows, rmask,
                 True, HAS_B_Q1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -527,8 +546,8 @@ def _step_fwd_kernel(
         _linear(q_raw, 2 * S, q_y, HD, HD, q_y, HD, 0, w_q2, HD, 1, 2 * S, b_q2, rows, rmask,
                 False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
-        _gauss_fwd(q_raw, S, nq_ptr, seed_ptr, zq_out, qm_out, qs_out, p_raw, kl_out, rows, rmask,
-                   NOISE_Q, True, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
+        _gauss_fwd(q_raw, S, nq_ptr, S, q_seed, zq_out, S, qm_out, qs_out, S, p_raw, kl_out, rows, rmask,
+                   NOISE_Q, True, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, True)
 
 
 @triton.jit
@@ -625,7 +644,7 @@ def _gru_cell_fwd_kernel(x_ptr, h_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hout_
     # x [B, X], h [B, D] (X) -> h' [B, D] (X); save [B, 4D] (C)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     _gru_fwd(x_ptr, X, X, h_ptr, D, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hout_ptr, save_ptr, rows, rows < B,
-             HAS_BIH, HAS_BHH, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+             HAS_BIH, HAS_BHH, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, True)
 
 
 @triton.jit

@@ -1,0 +1,293 @@
+"""Whole-horizon imagination: H prior steps in ONE launch, no gradient.
+
+Each program owns ``BLOCK_M`` trajectories and runs the prior step (input layer, cell, prior head, std transform,
+sample) H times, reusing the phases of :mod:`fastwm.kernels.rssm`. The state (h, z) lives in two small per-row
+ping-pong buffers that stay in L1/L2; the weights are read from L2 every step. Optional, also inside the loop:
+
+* a policy MLP (closed loop): a_t = policy([z_t, h_t]), written out per step;
+* a reward MLP on [z_{t+1}, h_{t+1}]: per-step rewards, or only their sum over the horizon (then memory is O(N));
+* what is written per step: the state (deter, stoch, mean, std), the features cat([stoch, deter]), or nothing (only
+  the final state and the returns).
+
+An MLP here is up to three Linear layers with one activation between them and an optional final activation
+(``fastwm.rollout.pack_mlp`` reads it from an ``nn.Sequential``). Seeded noise: step t draws with seed + t, so it is
+``fastwm.reference.philox_normal(seed + t, (N, S))``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gaussian import _compute_dtype, empty
+from .rssm import (
+    BLOCK_K,
+    BLOCK_N,
+    NUM_WARPS,
+    _block_s,
+    _gauss_fwd,
+    _gru_fwd,
+    _linear,
+    _lngru_fwd,
+    _norm_act_fwd,
+    _prec,
+    compute_dtype,
+)
+
+__all__ = ["rollout_fwd", "MLP_MAX_LAYERS"]
+
+MLP_MAX_LAYERS = 3
+
+
+@triton.jit
+def _copy_strided(dst_ptr, ldd, src_ptr, lds, N, rows, rmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dst[rows, :N] = src[rows, :N] (row strides ldd, lds), cast to dst's dtype.
+    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = rmask[:, None] & (cols < N)[None, :]
+        v = tl.load(src_ptr + rows[:, None] * lds + cols[None, :], mask=mask, other=0.0)
+        tl.store(dst_ptr + rows[:, None] * ldd + cols[None, :], v.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mlp(z_ptr, S, h_ptr, D, HAS_H: tl.constexpr,
+         w1, b1, w2, b2, w3, b3, R1, R2, O,
+         t1, t2, t3, t4, out_ptr, rows, rmask,
+         N_LAYERS: tl.constexpr, ACT: tl.constexpr, OUT_ACT: tl.constexpr,
+         COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         BLOCK_K: tl.constexpr):
+    # out [B, O] (C) = MLP([z, h]) with 1-3 Linear layers (widths R1, R2 between them), ACT between layers and
+    # OUT_ACT at the end. t1/t2 ([B, R1]) and t3/t4 ([B, R2]) are scratch (C). Every layer has a bias.
+    if N_LAYERS == 1:
+        _linear(t1, O, z_ptr, S, S, h_ptr, D, D, w1, S + D, 1, O, b1, rows, rmask,
+                HAS_H, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        _norm_act_fwd(t1, out_ptr, O, w1, w1, t1, rows, rmask, OUT_ACT, False, 1e-3, COMPUTE, BLOCK_M, BLOCK_N)
+    else:
+        _linear(t1, R1, z_ptr, S, S, h_ptr, D, D, w1, S + D, 1, R1, b1, rows, rmask,
+                HAS_H, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        _norm_act_fwd(t1, t2, R1, w1, w1, t1, rows, rmask, ACT, False, 1e-3, COMPUTE, BLOCK_M, BLOCK_N)
+        tl.debug_barrier()
+        if N_LAYERS == 2:
+            _linear(t1, O, t2, R1, R1, t2, R1, 0, w2, R1, 1, O, b2, rows, rmask,
+                    False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.debug_barrier()
+            _norm_act_fwd(t1, out_ptr, O, w1, w1, t1, rows, rmask, OUT_ACT, False, 1e-3, COMPUTE, BLOCK_M, BLOCK_N)
+        else:
+            _linear(t3, R2, t2, R1, R1, t2, R1, 0, w2, R1, 1, R2, b2, rows, rmask,
+                    False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.debug_barrier()
+            _norm_act_fwd(t3, t4, R2, w1, w1, t3, rows, rmask, ACT, False, 1e-3, COMPUTE, BLOCK_M, BLOCK_N)
+            tl.debug_barrier()
+            _linear(t1, O, t4, R2, R2, t4, R2, 0, w3, R2, 1, O, b3, rows, rmask,
+                    False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.debug_barrier()
+            _norm_act_fwd(t1, out_ptr, O, w1, w1, t1, rows, rmask, OUT_ACT, False, 1e-3, COMPUTE, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _rollout_kernel(
+    z0_ptr, h0_ptr,  # [N, S], [N, D] (X) the start state
+    act_ptr,  # [N, H, A] (X) open-loop actions (OPEN_LOOP)
+    noise_ptr, seed_ptr,  # [N, H, S] (X) noise (NOISE 1), or [1] int64 seed (NOISE 2)
+    w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c,  # as in the step kernel
+    w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+    pw1, pb1, pw2, pb2, pw3, pb3,  # policy MLP (closed loop): [P1, S + D], [P2, P1], [A, P2] and biases
+    rw1, rb1, rw2, rb2, rw3, rb3,  # reward MLP: [R1, S + D], [R2, R1], [1, R2] and biases
+    zbuf, hbuf,  # scratch [2, N, S], [2, N, D] (C): the ping-pong state
+    x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw,  # scratch as in the step kernel (C)
+    a_buf, m1, m2, m3, m4, r_buf,  # scratch: action [N, A], MLP hidden [N, max width] x 4, reward [N, 1] (C)
+    out_deter, out_stoch, out_mean, out_std,  # [N, H, D], [N, H, S] x 3 (X), WRITE_STATE
+    out_feat,  # [N, H, S + D] (X), WRITE_FEAT
+    out_actions,  # [N, H, A] (X), closed loop
+    out_reward,  # [N, H] (fp32 / fp64), REWARD == 1
+    out_return,  # [N] (fp32 / fp64), REWARD == 2
+    out_final_deter, out_final_stoch,  # [N, D], [N, S] (X), always
+    N, H, S, A, D, HD, P1, P2, R1, R2,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
+    EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr, NOISE: tl.constexpr,
+    HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_P1: tl.constexpr,
+    OPEN_LOOP: tl.constexpr, POLICY_LAYERS: tl.constexpr, POLICY_ACT: tl.constexpr, POLICY_OUT_ACT: tl.constexpr,
+    REWARD: tl.constexpr, REWARD_LAYERS: tl.constexpr, REWARD_ACT: tl.constexpr, REWARD_OUT_ACT: tl.constexpr,
+    WRITE_STATE: tl.constexpr, WRITE_FEAT: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < N
+    HAS_D: tl.constexpr = CELL != 2
+    F = S + D
+    seed = 0
+    if NOISE == 2:
+        seed = tl.load(seed_ptr)
+    # the start state into slot 0 of the ping-pong buffers
+    _copy_strided(zbuf, S, z0_ptr, S, S, rows, rmask, BLOCK_M, BLOCK_N)
+    if HAS_D:
+        _copy_strided(hbuf, D, h0_ptr, D, D, rows, rmask, BLOCK_M, BLOCK_N)
+    ret = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    tl.debug_barrier()
+    for t in range(0, H):
+        cur = t % 2
+        z_cur = zbuf + cur * N * S
+        h_cur = hbuf + cur * N * D
+        z_next = zbuf + (1 - cur) * N * S
+        h_next = hbuf + (1 - cur) * N * D
+        # the action of step t
+        if OPEN_LOOP:
+            a_src = act_ptr + t * A
+            lda = H * A
+        else:
+            _mlp(z_cur, S, h_cur, D, HAS_D, pw1, pb1, pw2, pb2, pw3, pb3, P1, P2, A, m1, m2, m3, m4, a_buf,
+                 rows, rmask, POLICY_LAYERS, POLICY_ACT, POLICY_OUT_ACT, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.debug_barrier()
+            _copy_strided(out_actions + t * A, H * A, a_buf, A, A, rows, rmask, BLOCK_M, BLOCK_N)
+            a_src = a_buf
+            lda = A
+        # input layer, cell
+        _linear(x_pre, HD, z_cur, S, S, a_src, lda, A, w_in, S + A, 1, HD, b_in, rows, rmask,
+                True, HAS_B_IN, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        _norm_act_fwd(x_pre, x_act, HD, nw_in, nb_in, x_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M,
+                      BLOCK_N)
+        tl.debug_barrier()
+        if CELL == 0:
+            _gru_fwd(x_act, HD, HD, h_cur, D, w_c1, w_c2, b_c1, b_c2, h_next, c_save, rows, rmask,
+                     HAS_B_C1, HAS_B_C2, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, False)
+        elif CELL == 1:
+            _lngru_fwd(x_act, HD, HD, h_cur, D, w_c1, nw_c, nb_c, c_save, c_rstd, h_next, rows, rmask,
+                       EPS, UPDATE_BIAS, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        if CELL == 2:
+            hin = x_act
+            DH = HD
+        else:
+            hin = h_next
+            DH = D
+        # prior head and sample
+        _linear(p_pre, HD, hin, DH, DH, hin, DH, 0, w_p1, DH, 1, HD, b_p1, rows, rmask,
+                False, HAS_B_P1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        _norm_act_fwd(p_pre, p_y, HD, nw_p1, nb_p1, p_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
+        tl.debug_barrier()
+        _linear(p_raw, 2 * S, p_y, HD, HD, p_y, HD, 0, w_p2, HD, 1, 2 * S, b_p2, rows, rmask,
+                False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+        _gauss_fwd(p_raw, S, noise_ptr + t * S, H * S, seed + t, z_next, S, out_mean + t * S, out_std + t * S,
+                   H * S, p_raw, p_raw, rows, rmask, NOISE, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S,
+                   WRITE_STATE)
+        tl.debug_barrier()
+        if WRITE_STATE:
+            _copy_strided(out_stoch + t * S, H * S, z_next, S, S, rows, rmask, BLOCK_M, BLOCK_N)
+            if HAS_D:
+                _copy_strided(out_deter + t * D, H * D, h_next, D, D, rows, rmask, BLOCK_M, BLOCK_N)
+        if WRITE_FEAT:
+            _copy_strided(out_feat + t * F, H * F, z_next, S, S, rows, rmask, BLOCK_M, BLOCK_N)
+            if HAS_D:
+                _copy_strided(out_feat + t * F + S, H * F, h_next, D, D, rows, rmask, BLOCK_M, BLOCK_N)
+        if REWARD > 0:
+            _mlp(z_next, S, h_next, D, HAS_D, rw1, rb1, rw2, rb2, rw3, rb3, R1, R2, 1, m1, m2, m3, m4, r_buf,
+                 rows, rmask, REWARD_LAYERS, REWARD_ACT, REWARD_OUT_ACT, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.debug_barrier()
+            r = tl.load(r_buf + rows, mask=rmask, other=0.0)
+            if REWARD == 1:
+                tl.store(out_reward + rows * H + t, r.to(out_reward.dtype.element_ty), mask=rmask)
+            else:
+                ret += r
+        tl.debug_barrier()
+    last = H % 2
+    _copy_strided(out_final_stoch, S, zbuf + last * N * S, S, S, rows, rmask, BLOCK_M, BLOCK_N)
+    if HAS_D:
+        _copy_strided(out_final_deter, D, hbuf + last * N * D, D, D, rows, rmask, BLOCK_M, BLOCK_N)
+    if REWARD == 2:
+        tl.store(out_return + rows, ret.to(out_return.dtype.element_ty), mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _rollout_block_m(n: int) -> int:
+    # Bigger row blocks read the weights from L2 fewer times; tl.dot needs >= 16. Untuned (no GPU measured yet).
+    return 16 if n <= 2048 else 32
+
+
+def rollout_fwd(
+    z0: torch.Tensor, h0: torch.Tensor, actions: torch.Tensor | None, horizon: int,
+    noise: torch.Tensor | None, seed: torch.Tensor | None, w: list[torch.Tensor | None], *,
+    cell: int, act: int, norm: bool, std_mode: int, min_std: float, eps: float, update_bias: float = -1.0,
+    policy: tuple | None = None, reward: tuple | None = None, reward_sum: bool = False,
+    write_state: bool = True, write_feat: bool = False,
+) -> dict[str, torch.Tensor]:
+    """H prior steps in one launch on contiguous inputs. ``policy`` / ``reward`` are packed MLPs
+    ``(weights [(w, b) x L], act_id, out_act_id)``; ``actions`` [N, H, A] when ``policy`` is None.
+
+    Returns a dict with "final_deter" [N, D], "final_stoch" [N, S] and, as asked, "deter", "stoch", "mean", "std"
+    [N, H, ...], "features" [N, H, S + D], "actions" [N, H, A] (closed loop), "reward" [N, H] or "return" [N]."""
+    (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+     *_posterior) = w
+    n, s = z0.shape
+    d, hd, h = h0.shape[1], w_in.shape[0], int(horizon)
+    a_dim = w_in.shape[1] - s
+    dt, cdt = z0.dtype, compute_dtype(z0.dtype)
+    r_dt = torch.float64 if dt == torch.float64 else torch.float32
+
+    def buf(shape: tuple[int, ...], dtype: torch.dtype = cdt) -> torch.Tensor:
+        return empty(shape, like=z0, dtype=dtype)
+
+    out: dict[str, torch.Tensor] = {"final_deter": buf((n, d), dt), "final_stoch": buf((n, s), dt)}
+    if write_state:
+        out.update(deter=buf((n, h, d), dt), stoch=buf((n, h, s), dt), mean=buf((n, h, s), dt), std=buf((n, h, s), dt))
+    if write_feat:
+        out["features"] = buf((n, h, s + d), dt)
+    if policy is not None:
+        out["actions"] = buf((n, h, a_dim), dt)
+    if reward is not None:
+        out["return" if reward_sum else "reward"] = buf((n,) if reward_sum else (n, h), r_dt)
+    if n == 0 or h == 0:
+        return out
+
+    def mlp_args(packed: tuple | None) -> tuple[list[torch.Tensor], int, int, int, int, int]:
+        if packed is None:
+            return [z0] * 6, 0, 1, 1, 4, 4
+        layers, act_id, out_act_id = packed
+        flat: list[torch.Tensor] = []
+        for wt, bs in layers:
+            flat += [wt, bs]
+        flat += [z0] * (6 - len(flat))
+        widths = [wt.shape[0] for wt, _ in layers[:-1]] + [1, 1]
+        return flat, len(layers), widths[0], widths[1], act_id, out_act_id
+
+    pol, pol_layers, p1, p2, pol_act, pol_out = mlp_args(policy)
+    rew, rew_layers, r1, r2, rew_act, rew_out = mlp_args(reward)
+    width = max(p1, p2, r1, r2, a_dim, 1)
+    x = z0
+
+    def p(t: torch.Tensor | None) -> torch.Tensor:
+        return x if t is None or t.numel() == 0 else t
+
+    scratch = [buf((2, n, s)), buf((2, n, max(d, 1))), buf((n, hd)), buf((n,)), buf((n, hd)),
+               buf((n, 3 * d)) if cell == 1 else x, buf((n,)), buf((n, hd)), buf((n,)), buf((n, hd)), buf((n, 2 * s)),
+               buf((n, a_dim)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, 1))]
+    block_m = _rollout_block_m(n)
+    _rollout_kernel[(triton.cdiv(n, block_m),)](
+        z0, p(h0), p(actions), p(noise), p(seed),
+        w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),
+        w_p1, p(b_p1), p(nw_p1), p(nb_p1), w_p2, b_p2,
+        *pol, *rew, *scratch,
+        p(out.get("deter")), p(out.get("stoch")), p(out.get("mean")), p(out.get("std")), p(out.get("features")),
+        p(out.get("actions")), p(out.get("reward")), p(out.get("return")), p(out["final_deter"]), out["final_stoch"],
+        n, h, s, a_dim, d, hd, p1, p2, r1, r2,
+        CELL=cell, ACT=act, NORM=norm, STD_MODE=std_mode, MIN_STD=float(min_std), EPS=float(eps),
+        UPDATE_BIAS=float(update_bias), NOISE=1 if noise is not None else 2,
+        HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_P1=b_p1 is not None,
+        OPEN_LOOP=policy is None, POLICY_LAYERS=pol_layers, POLICY_ACT=pol_act, POLICY_OUT_ACT=pol_out,
+        REWARD=0 if reward is None else (2 if reward_sum else 1), REWARD_LAYERS=rew_layers, REWARD_ACT=rew_act,
+        REWARD_OUT_ACT=rew_out, WRITE_STATE=write_state, WRITE_FEAT=write_feat,
+        COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+    )
+    return out
