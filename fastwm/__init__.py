@@ -18,12 +18,15 @@ from .gaussian import (
 from .kl import KL_MODES, KL_PRESETS, kl_loss
 from .cells import gru_cell, layernorm_gru_cell
 from .rssm import RSSM, LayerNormGRUCell, State
+from .planning import CEMPlanner, MPPIPlanner
 from .elbo import ELBOTerms, SequenceELBO, gaussian_log_prob, sequence_elbo
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CEMPlanner",
+    "MPPIPlanner",
     "ELBOTerms",
     "SequenceELBO",
     "LayerNormGRUCell",

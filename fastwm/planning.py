@@ -1,0 +1,224 @@
+"""Planning in latent space: the cross-entropy method (PlaNet's CEM) and MPPI, batched over B beliefs x N candidates.
+
+Both planners sample action sequences [B, N, H, A] around a per-belief plan, imagine each one open loop from the
+belief with the RSSM's prior (on the Triton backend, all B x N x H steps in ONE kernel launch per iteration, the reward
+head inside it when it is a plain MLP), score it by the sum of predicted rewards over the horizon, and refit the plan:
+
+- CEM: the mean and std of the ``top_k`` best sequences (PlaNet: horizon 12, 1,000 candidates, top 100, 10 iterations).
+- MPPI: the mean and std weighted by softmax(return / temperature) over all samples.
+
+Calling a planner on a State of B beliefs returns the first action of each plan, [B, A]. The plan is kept and, with
+``warm_start``, the next call starts from it shifted by one step (the last step refilled with the initial mean), as
+in TD-MPC; :meth:`reset` forgets it (call it at the start of an episode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ._backend import use_triton
+from .rollout import imagine_fused, pack_mlp
+from .rssm import RSSM, State
+
+__all__ = ["CEMPlanner", "MPPIPlanner"]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _bound(name: str, value: object, action_dim: int) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != action_dim):
+        raise ValueError(f"{name} must be a float or a sequence of {action_dim} floats (one per action dim), "
+                         f"got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return t.expand(action_dim).clone()
+
+
+class _Planner(nn.Module):
+    """What CEM and MPPI share: argument checks, the warm-started plan, sampling and scoring."""
+
+    def __init__(self, rssm: RSSM, reward: Callable[[Tensor], Tensor], *, horizon: int, samples: int,
+                 iterations: int, action_low: float | Tensor, action_high: float | Tensor, init_std: float | None,
+                 min_std: float, warm_start: bool, generator: torch.Generator | None) -> None:
+        super().__init__()
+        if not isinstance(rssm, RSSM):
+            raise TypeError(f"rssm must be a fastwm.RSSM, got {type(rssm).__name__}")
+        if not callable(reward):
+            raise TypeError(f"reward must be callable (features [..., S + D] -> rewards [...]), got "
+                            f"{type(reward).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self.rssm = rssm
+        self.reward = reward
+        self.horizon = _positive_int("horizon", horizon)
+        self.samples = _positive_int("samples", samples)
+        self.iterations = _positive_int("iterations", iterations)
+        low = _bound("action_low", action_low, rssm.action_dim)
+        high = _bound("action_high", action_high, rssm.action_dim)
+        if not bool((low < high).all()):
+            raise ValueError(f"action_low must be below action_high in every dim, got {low.tolist()} and "
+                             f"{high.tolist()}")
+        self.register_buffer("action_low", low, persistent=False)
+        self.register_buffer("action_high", high, persistent=False)
+        std0 = (high - low) / 2 if init_std is None else torch.full_like(low, float(init_std))
+        if init_std is not None and not (math.isfinite(float(init_std)) and float(init_std) > 0):
+            raise ValueError(f"init_std must be a positive float, got {init_std!r}")
+        self.register_buffer("init_std", std0, persistent=False)
+        if not (math.isfinite(float(min_std)) and float(min_std) >= 0):
+            raise ValueError(f"min_std must be a float >= 0, got {min_std!r}")
+        self.min_std = float(min_std)
+        self.warm_start = bool(warm_start)
+        self.generator = generator
+        self._plan: Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the previous plan (start of an episode)."""
+        self._plan = None
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def _initial_mean(self, b: int, like: Tensor) -> Tensor:
+        mid = ((self.action_low + self.action_high) / 2).to(like)
+        mean = mid.expand(b, self.horizon, -1).clone()
+        if self.warm_start and self._plan is not None and self._plan.shape == mean.shape:
+            mean[:, :-1] = self._plan[:, 1:]
+        return mean
+
+    def _returns(self, state: State, actions: Tensor) -> Tensor:
+        """Sum over the horizon of the predicted rewards: state [B] beliefs, actions [B, N, H, A] -> [B, N]."""
+        b, n, h, a = actions.shape
+        rssm = self.rssm
+        stoch = state.stoch.repeat_interleave(n, dim=0)
+        deter = state.deter.repeat_interleave(n, dim=0)
+        flat = actions.reshape(b * n, h, a)
+        if use_triton(stoch):
+            packed = pack_mlp(self.reward, rssm.feature_dim, 1)
+            if packed is not None and packed.layers[0][0].dtype == stoch.dtype:
+                out = imagine_fused(rssm.config, rssm.weights(), stoch, deter, h, actions=flat, reward=packed,
+                                    reward_sum=True, write_state=False, generator=self.generator)
+                return out.ret.reshape(b, n)
+            out = imagine_fused(rssm.config, rssm.weights(), stoch, deter, h, actions=flat, write_state=False,
+                                write_feat=True, generator=self.generator)
+            feats = out.features
+        else:
+            dream = rssm.imagine(flat, State(deter, stoch, stoch, stoch), generator=self.generator)
+            feats = rssm.features(dream)
+        r = self.reward(feats)
+        if r.dim() == feats.dim() and r.shape[-1] == 1:
+            r = r.squeeze(-1)
+        if tuple(r.shape) != (b * n, h):
+            raise ValueError(f"reward must map features [..., {rssm.feature_dim}] to rewards [...] (or [..., 1]), "
+                             f"got shape {tuple(r.shape)} for features {tuple(feats.shape)}")
+        return r.float().sum(-1).reshape(b, n)
+
+    def _sample(self, mean: Tensor, std: Tensor) -> Tensor:
+        b, h, a = mean.shape
+        device = mean.device if self.generator is None else self.generator.device
+        eps = torch.randn((b, self.samples, h, a), generator=self.generator, device=device,
+                          dtype=mean.dtype).to(mean.device)
+        cand = mean[:, None] + std[:, None] * eps
+        return torch.max(torch.min(cand, self.action_high.to(cand)), self.action_low.to(cand))
+
+    def _check_state(self, state: object) -> State:
+        rssm = self.rssm
+        state = rssm._check_state(state)
+        return state
+
+    def _refit(self, actions: Tensor, returns: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def plan(self, state: State) -> Tensor:
+        """The refined plan [B, H, A] for a State of B beliefs (fields [B, ...])."""
+        state = self._check_state(state)
+        b = state.stoch.shape[0]
+        like = state.stoch
+        mean = self._initial_mean(b, like)
+        std = self.init_std.to(like).expand(b, self.horizon, -1).clone()
+        for _ in range(self.iterations):
+            actions = self._sample(mean, std)
+            returns = self._returns(state, actions)
+            mean, std = self._refit(actions, returns)
+            std = std.clamp_min(self.min_std)
+        self._plan = mean
+        return mean
+
+    def forward(self, state: State) -> Tensor:
+        """Actions [B, A]: the first step of the plan for each of the B beliefs."""
+        return self.plan(state)[:, 0]
+
+
+class CEMPlanner(_Planner):
+    """The cross-entropy method over action sequences in the RSSM's latent space (PlaNet's planner).
+
+    Args:
+        rssm: the world model; its prior imagines each candidate from the belief.
+        reward: features [..., S + D] -> rewards [...] (or [..., 1]); a plain MLP (see
+            :func:`fastwm.rollout.pack_mlp`) runs inside the imagination kernel, anything else on its output.
+        horizon, candidates, iterations, top_k: PlaNet's 12, 1,000, 10 and 100.
+        action_low, action_high: bounds (floats or one per action dim); candidates are clipped to them.
+        init_std: the initial std of the sampling distribution ((high - low) / 2 when None: 1 for [-1, 1]).
+        min_std: a floor on the refitted std.
+        warm_start: start from the previous plan shifted by one step.
+        generator: a torch.Generator for reproducible plans.
+
+    Example::
+
+        planner = fastwm.CEMPlanner(rssm, reward_head)
+        action = planner(belief)          # belief: a fastwm.State with [B, ...] fields -> [B, A]
+    """
+
+    def __init__(self, rssm: RSSM, reward: Callable[[Tensor], Tensor], *, horizon: int = 12, candidates: int = 1000,
+                 iterations: int = 10, top_k: int = 100, action_low: float | Tensor = -1.0,
+                 action_high: float | Tensor = 1.0, init_std: float | None = None, min_std: float = 0.0,
+                 warm_start: bool = True, generator: torch.Generator | None = None) -> None:
+        super().__init__(rssm, reward, horizon=horizon, samples=candidates, iterations=iterations,
+                         action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
+                         warm_start=warm_start, generator=generator)
+        self.top_k = _positive_int("top_k", top_k)
+        if top_k > candidates:
+            raise ValueError(f"top_k must be at most candidates ({candidates}), got {top_k}")
+
+    @property
+    def candidates(self) -> int:
+        return self.samples
+
+    def _refit(self, actions: Tensor, returns: Tensor) -> tuple[Tensor, Tensor]:
+        idx = returns.topk(self.top_k, dim=1).indices  # [B, K]
+        b, _, h, a = actions.shape
+        elite = actions.gather(1, idx[:, :, None, None].expand(b, self.top_k, h, a))
+        return elite.mean(1), elite.std(1, unbiased=False)
+
+
+class MPPIPlanner(_Planner):
+    """Model predictive path integral control in the RSSM's latent space.
+
+    Each iteration weights every sampled sequence by softmax(return / temperature) and refits the plan's mean and std
+    to the weighted mean and std. Arguments as :class:`CEMPlanner`, with ``samples`` for candidates and
+    ``temperature`` (> 0; lower is greedier)."""
+
+    def __init__(self, rssm: RSSM, reward: Callable[[Tensor], Tensor], *, horizon: int = 12, samples: int = 1000,
+                 iterations: int = 10, temperature: float = 0.5, action_low: float | Tensor = -1.0,
+                 action_high: float | Tensor = 1.0, init_std: float | None = None, min_std: float = 0.05,
+                 warm_start: bool = True, generator: torch.Generator | None = None) -> None:
+        super().__init__(rssm, reward, horizon=horizon, samples=samples, iterations=iterations,
+                         action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
+                         warm_start=warm_start, generator=generator)
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    def _refit(self, actions: Tensor, returns: Tensor) -> tuple[Tensor, Tensor]:
+        w = torch.softmax(returns.double() / self.temperature, dim=1).to(actions.dtype)[:, :, None, None]
+        mean = (w * actions).sum(1)
+        var = (w * (actions - mean[:, None]) ** 2).sum(1)
+        return mean, var.sqrt()

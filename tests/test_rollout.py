@@ -1,0 +1,172 @@
+"""The whole-horizon imagination kernel (fastwm.kernels.rollout) against the reference step loop: open loop, closed loop
+with an in-kernel policy MLP, in-kernel reward MLP (per step and summed), given and seeded noise, every cell kind."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastwm
+from fastwm import reference
+from fastwm.rollout import imagine_fused, pack_mlp
+from fastwm.rssm import stack_states
+
+from .conftest import assert_close
+
+pytestmark = pytest.mark.interpreter
+
+CONFIGS = [
+    {"cell": "gru"},
+    {"cell": "layernorm_gru", "act": "silu", "norm": True, "std_mode": "sigmoid2"},
+    {"cell": "none", "std_mode": "softplus_clamp"},
+]
+CONFIG_IDS = ["gru", "lngru-norm-silu", "none"]
+
+
+def _model(device, dtype, **kw) -> fastwm.RSSM:
+    torch.manual_seed(0)
+    return fastwm.RSSM(3, 9, **{"stoch": 5, "deter": 11, "hidden": 13, **kw}).to(device=device, dtype=dtype)
+
+
+def _randn(shape, g, device, dtype):
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+
+def _start(m: fastwm.RSSM, b: int, g: torch.Generator) -> fastwm.State:
+    w = m.prior2.weight
+    return fastwm.State(*(_randn(t.shape, g, w.device, w.dtype) for t in m.initial(b)))
+
+
+def _reference_loop(m64, start64, h, *, actions=None, policy=None, noise=None):
+    states, acts = [], []
+    s = start64
+    with fastwm.backend("reference"), torch.no_grad():
+        for t in range(h):
+            a = actions[:, t] if policy is None else policy(m64.features(s))
+            s = m64.img_step(s, a, noise[:, t])
+            states.append(s)
+            acts.append(a)
+    return stack_states(states), torch.stack(acts, dim=1)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_open_loop_matches_reference(device, dtype, cfg, poison):
+    m = _model(device, dtype, **cfg)
+    m64 = copy.deepcopy(m).double()
+    g = torch.Generator().manual_seed(1)
+    b, h = 19, 4  # 19 rows: two row blocks, the last one partial
+    start = _start(m, b, g)
+    actions, noise = _randn((b, h, 3), g, device, dtype), _randn((b, h, 5), g, device, dtype)
+    with fastwm.backend("triton"), torch.no_grad():
+        out = m.imagine(actions, start, noise)
+    ref, _ = _reference_loop(m64, fastwm.State(*(t.double() for t in start)), h, actions=actions.double(),
+                             noise=noise.double())
+    for name, a, e in zip(fastwm.State._fields, out, ref):
+        assert_close(a, e, dtype, f"imagine.{name}")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_closed_loop_policy_and_reward_in_kernel(device, dtype, cfg):
+    m = _model(device, dtype, **cfg)
+    m64 = copy.deepcopy(m).double()
+    f = m.feature_dim
+    torch.manual_seed(2)
+    policy = nn.Sequential(nn.Linear(f, 7), nn.ELU(), nn.Linear(7, 6), nn.ELU(), nn.Linear(6, 3), nn.Tanh())
+    reward = nn.Sequential(nn.Linear(f, 8), nn.SiLU(), nn.Linear(8, 1))
+    policy, reward = policy.to(device, dtype), reward.to(device, dtype)
+    g = torch.Generator().manual_seed(3)
+    b, h = 17, 3
+    start = _start(m, b, g)
+    noise = _randn((b, h, 5), g, device, dtype)
+    packed_p, packed_r = pack_mlp(policy, f, 3), pack_mlp(reward, f, 1)
+    assert packed_p is not None and packed_r is not None
+    outs = {}
+    for total in (False, True):
+        outs[total] = imagine_fused(m.config, m.weights(), start.stoch, start.deter, h, policy=packed_p,
+                                    reward=packed_r, reward_sum=total, noise=noise, write_feat=True)
+    ref, ref_actions = _reference_loop(m64, fastwm.State(*(t.double() for t in start)), h,
+                                       policy=copy.deepcopy(policy).double(), noise=noise.double())
+    out = outs[False]
+    assert_close(out.actions, ref_actions, dtype, "actions")
+    for name in ("deter", "stoch", "mean", "std"):
+        assert_close(getattr(out, name), getattr(ref, name), dtype, name)
+    ref_feat = m64.features(ref)
+    assert_close(out.features, ref_feat, dtype, "features")
+    ref_reward = copy.deepcopy(reward).double()(ref_feat).squeeze(-1)
+    assert_close(out.reward, ref_reward, dtype, "reward")
+    assert_close(outs[True].ret, ref_reward.sum(-1), dtype, "return")
+    assert_close(outs[True].final_stoch, ref.stoch[:, -1], dtype, "final_stoch")
+    assert_close(outs[True].final_deter, ref.deter[:, -1], dtype, "final_deter")
+    assert outs[True].reward is None and outs[False].ret is None
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=CONFIG_IDS[:2])
+def test_seeded_noise_is_philox_seed_plus_t(device, cfg):
+    m = _model(device, torch.float64, **cfg)
+    g = torch.Generator().manual_seed(4)
+    b, h = 9, 3
+    start = _start(m, b, g)
+    actions = _randn((b, h, 3), g, device, torch.float64)
+    with fastwm.backend("triton"), torch.no_grad():
+        out = m.imagine(actions, start, generator=torch.Generator().manual_seed(12))
+        again = m.imagine(actions, start, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(out.stoch, again.stoch)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, generator=torch.Generator().manual_seed(12))
+    noise = torch.stack([reference.philox_normal(seed + t, (b, 5), dtype=torch.float64, device=device)
+                         for t in range(h)], dim=1)
+    ref, _ = _reference_loop(copy.deepcopy(m), start, h, actions=actions, noise=noise)
+    for name, a, e in zip(fastwm.State._fields, out, ref):
+        assert_close(a, e, torch.float64, f"seeded {name}")
+
+
+def test_long_horizon_returns_only_is_finite(device):
+    # H = 1,000 with only the summed reward asked for: nothing [N, H] is allocated and the values stay finite. (The
+    # interpreter runs about 0.15 s per program-step, so on the CPU the kernel runs 120 steps and the reference the
+    # full 1,000.)
+    m = _model(device, torch.float32, deter=8, hidden=16)
+    reward = nn.Linear(m.feature_dim, 1).to(device)
+    g = torch.Generator().manual_seed(5)
+    start = _start(m, 16, g)
+    h = 1000 if device.type == "cuda" else 120
+    out = imagine_fused(m.config, m.weights(), start.stoch, start.deter, h, actions=torch.ones(16, h, 3,
+                        device=device), reward=pack_mlp(reward, m.feature_dim, 1), reward_sum=True,
+                        write_state=False, generator=torch.Generator().manual_seed(0))
+    assert out.stoch is None and out.features is None and out.reward is None
+    assert out.ret.shape == (16,) and torch.isfinite(out.ret).all()
+    assert torch.isfinite(out.final_deter).all() and torch.isfinite(out.final_stoch).all()
+    with fastwm.backend("reference"), torch.no_grad():
+        ref = m.imagine(torch.ones(16, 1000, 3, device=device), start)
+    assert torch.isfinite(ref.stoch).all() and torch.isfinite(ref.deter).all()
+
+
+def test_imagine_keeps_gradients_when_asked(device):
+    # With a gradient needed, imagine takes the differentiable per-step path (and gives the same values).
+    m = _model(device, torch.float64)
+    g = torch.Generator().manual_seed(6)
+    start = _start(m, 5, g)
+    actions = _randn((5, 2, 3), g, device, torch.float64).requires_grad_()
+    noise = _randn((5, 2, 5), g, device, torch.float64)
+    with fastwm.backend("triton"):
+        out = m.imagine(actions, start, noise)
+        assert out.stoch.requires_grad
+        (grad,) = torch.autograd.grad(out.stoch.sum(), actions)
+        with torch.no_grad():
+            fused = m.imagine(actions, start, noise)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert_close(fused.stoch, out.stoch, torch.float64, "stoch")
+
+
+def test_pack_mlp_accepts_plain_mlps_only():
+    f = 10
+    assert pack_mlp(nn.Linear(f, 1), f, 1) is not None
+    assert pack_mlp(nn.Sequential(nn.Linear(f, 4), nn.ReLU(), nn.Linear(4, 2), nn.Tanh()), f, 2) is not None
+    assert pack_mlp(nn.Sequential(nn.Linear(f, 4), nn.ReLU(), nn.Linear(4, 2)), f, 3) is None  # wrong width
+    assert pack_mlp(nn.Sequential(nn.Linear(f, 4), nn.LayerNorm(4), nn.Linear(4, 1)), f, 1) is None
+    assert pack_mlp(nn.Sequential(nn.Linear(f, 4), nn.ReLU(), nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 1)), f,
+                    1) is None  # mixed activations
+    deep = [nn.Linear(f, 4)] + [m for _ in range(3) for m in (nn.ReLU(), nn.Linear(4, 4))]
+    assert pack_mlp(nn.Sequential(*deep), f, 4) is None  # four Linear layers
+    assert pack_mlp(lambda x: x, f, 1) is None
