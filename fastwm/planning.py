@@ -48,7 +48,8 @@ class _Planner(nn.Module):
 
     def __init__(self, rssm: RSSM, reward: Callable[[Tensor], Tensor], *, horizon: int, samples: int,
                  iterations: int, action_low: float | Tensor, action_high: float | Tensor, init_std: float | None,
-                 min_std: float, warm_start: bool, generator: torch.Generator | None) -> None:
+                 min_std: float, warm_start: bool, generator: torch.Generator | None,
+                 samples_name: str = "samples") -> None:
         super().__init__()
         if not isinstance(rssm, RSSM):
             raise TypeError(f"rssm must be a fastwm.RSSM, got {type(rssm).__name__}")
@@ -60,7 +61,7 @@ class _Planner(nn.Module):
         self.rssm = rssm
         self.reward = reward
         self.horizon = _positive_int("horizon", horizon)
-        self.samples = _positive_int("samples", samples)
+        self.samples = _positive_int(samples_name, samples)
         self.iterations = _positive_int("iterations", iterations)
         low = _bound("action_low", action_low, rssm.action_dim)
         high = _bound("action_high", action_high, rssm.action_dim)
@@ -118,7 +119,7 @@ class _Planner(nn.Module):
         if tuple(r.shape) != (b * n, h):
             raise ValueError(f"reward must map features [..., {rssm.feature_dim}] to rewards [...] (or [..., 1]), "
                              f"got shape {tuple(r.shape)} for features {tuple(feats.shape)}")
-        return r.float().sum(-1).reshape(b, n)
+        return r.to(torch.promote_types(r.dtype, torch.float32)).sum(-1).reshape(b, n)  # summed in fp32 at least
 
     def _sample(self, mean: Tensor, std: Tensor) -> Tensor:
         b, h, a = mean.shape
@@ -183,7 +184,7 @@ class CEMPlanner(_Planner):
                  warm_start: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__(rssm, reward, horizon=horizon, samples=candidates, iterations=iterations,
                          action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
-                         warm_start=warm_start, generator=generator)
+                         warm_start=warm_start, generator=generator, samples_name="candidates")
         self.top_k = _positive_int("top_k", top_k)
         if top_k > candidates:
             raise ValueError(f"top_k must be at most candidates ({candidates}), got {top_k}")

@@ -1,0 +1,157 @@
+"""CEM and MPPI on a planning problem whose best actions are known in closed form, on both backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastwm
+
+A = 3
+W = torch.tensor([1.0, -1.5, 0.75], dtype=torch.float64)  # reward = W . z_{t+1} = W . a_t: best a_t = sign(W) at the bound
+
+
+def _linear_model(device) -> fastwm.RSSM:
+    """cell "none", S = A: z_{t+1} = a_t exactly (the std is softplus(-60) ~ 1e-26)."""
+    m = fastwm.RSSM(A, 4, stoch=A, hidden=A, cell="none", min_std=0.0).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.inp.weight[:, A:] = torch.eye(A, dtype=torch.float64)
+        m.inp.bias.fill_(10.0)  # x = elu(a + 10) = a + 10 for |a| <= 1
+        m.prior1.weight.copy_(torch.eye(A, dtype=torch.float64))  # y = elu(x) = x
+        m.prior2.weight[:A].copy_(torch.eye(A, dtype=torch.float64))
+        m.prior2.bias[:A].fill_(-10.0)  # mean = a
+        m.prior2.bias[A:].fill_(-60.0)  # std ~ 0
+    return m.to(device)
+
+
+def _reward(device) -> nn.Linear:
+    r = nn.Linear(A, 1).double()
+    with torch.no_grad():
+        r.weight.copy_(W[None])
+        r.bias.zero_()
+    return r.to(device)
+
+
+def _planner(kind: str, m, reward, **kw):
+    g = torch.Generator().manual_seed(kw.pop("seed", 0))
+    if kind == "cem":
+        kw.setdefault("top_k", max(2, kw.get("candidates", 1000) // 10))
+        return fastwm.CEMPlanner(m, reward, generator=g, **kw)
+    samples = kw.pop("candidates", 1000)
+    return fastwm.MPPIPlanner(m, reward, samples=samples, generator=g, **kw)
+
+
+@pytest.mark.parametrize("kind", ["cem", "mppi"])
+@pytest.mark.parametrize("reward_kind", ["mlp", "callable"])
+def test_planners_find_the_closed_form_optimum_reference(device, kind, reward_kind):
+    m = _linear_model(device)
+    reward = _reward(device) if reward_kind == "mlp" else (lambda f: f @ W.to(f.device))
+    planner = _planner(kind, m, reward, horizon=4, candidates=400, iterations=10)
+    with fastwm.backend("reference"):
+        actions = planner(m.initial(2))
+    assert actions.shape == (2, A)
+    expected = torch.sign(W).to(device).expand(2, A)
+    assert torch.equal(torch.sign(actions), expected), actions
+    assert (actions.abs() > 0.5).all(), actions
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ["cem", "mppi"])
+def test_planners_find_the_closed_form_optimum_fused(device, kind):
+    # The same problem through the imagination kernel with the reward MLP inside it (small, for the interpreter).
+    m = _linear_model(device)
+    planner = _planner(kind, m, _reward(device), horizon=2, candidates=64, iterations=5, seed=1)
+    with fastwm.backend("triton"):
+        actions = planner(m.initial(1))
+    assert torch.equal(torch.sign(actions), torch.sign(W).to(device)[None]), actions
+
+
+@pytest.mark.interpreter
+def test_fused_returns_equal_reference_returns(device):
+    # The planners' scoring of the same candidates: in-kernel reward MLP, kernel features + a callable reward, and
+    # the reference step loop agree (the model is deterministic, so the noise does not matter).
+    m = _linear_model(device)
+    torch.manual_seed(3)
+    mlp_reward = nn.Sequential(nn.Linear(A, 5), nn.Tanh(), nn.Linear(5, 1)).double().to(device)
+    cand = (torch.rand(2, 16, 3, A, dtype=torch.float64) * 2 - 1).to(device)
+    state = m.initial(2)
+    scores = {}
+    for name, backend, reward in (("kernel-mlp", "triton", mlp_reward), ("kernel-feat", "triton",
+                                  lambda f: mlp_reward(f).squeeze(-1)), ("reference", "reference", mlp_reward)):
+        planner = fastwm.CEMPlanner(m, reward, horizon=3, candidates=16, top_k=4)
+        with fastwm.backend(backend), torch.no_grad():
+            scores[name] = planner._returns(state, cand)
+    expected = mlp_reward(cand).squeeze(-1).sum(-1)  # z_{t+1} = a_t
+    for name, got in scores.items():
+        torch.testing.assert_close(got.double(), expected, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_same_generator_seed_same_plan(device):
+    m = _linear_model(device)
+    with fastwm.backend("reference"):
+        a = _planner("cem", m, _reward(device), horizon=3, candidates=50, iterations=3, seed=7).plan(m.initial(1))
+        b = _planner("cem", m, _reward(device), horizon=3, candidates=50, iterations=3, seed=7).plan(m.initial(1))
+        c = _planner("cem", m, _reward(device), horizon=3, candidates=50, iterations=3, seed=8).plan(m.initial(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_warm_start_shifts_the_previous_plan(device):
+    m = _linear_model(device)
+    planner = _planner("mppi", m, _reward(device), horizon=4, candidates=20, iterations=1)
+    with fastwm.backend("reference"):
+        plan = planner.plan(m.initial(2))
+    start = planner._initial_mean(2, plan)
+    assert torch.equal(start[:, :-1], plan[:, 1:])
+    assert torch.equal(start[:, -1], torch.zeros(2, A, dtype=plan.dtype, device=device))
+    planner.reset()
+    assert torch.equal(planner._initial_mean(2, plan), torch.zeros(2, 4, A, dtype=plan.dtype, device=device))
+
+
+def test_action_bounds_are_respected(device):
+    m = _linear_model(device)
+    planner = fastwm.CEMPlanner(m, _reward(device), horizon=2, candidates=40, iterations=3, top_k=5,
+                                action_low=[-0.5, -0.2, 0.0], action_high=[0.25, 1.0, 0.5])
+    with fastwm.backend("reference"):
+        actions = planner(m.initial(3))
+    low = torch.tensor([-0.5, -0.2, 0.0], dtype=torch.float64, device=device)
+    high = torch.tensor([0.25, 1.0, 0.5], dtype=torch.float64, device=device)
+    assert ((actions >= low) & (actions <= high)).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"horizon": 0}, "horizon must be a positive int"),
+    ({"candidates": 2.5}, "candidates must be a positive int"),
+    ({"iterations": -1}, "iterations must be a positive int"),
+    ({"top_k": 0}, "top_k must be a positive int"),
+    ({"top_k": 2000}, "top_k must be at most candidates"),
+    ({"action_low": 1.0, "action_high": -1.0}, "action_low must be below action_high"),
+    ({"action_low": [0.0, 1.0]}, "action_low must be a float or a sequence of 3 floats"),
+    ({"action_high": float("nan")}, "action_high must be finite"),
+    ({"init_std": -1.0}, "init_std must be a positive float"),
+])
+def test_cem_bad_arguments(device, kwargs, match):
+    m = _linear_model(device)
+    with pytest.raises(ValueError, match=match):
+        fastwm.CEMPlanner(m, _reward(device), **kwargs)
+
+
+def test_bad_planner_arguments(device):
+    m = _linear_model(device)
+    with pytest.raises(ValueError, match="temperature must be a positive float"):
+        fastwm.MPPIPlanner(m, _reward(device), temperature=0.0)
+    with pytest.raises(TypeError, match="rssm must be a fastwm.RSSM"):
+        fastwm.CEMPlanner(nn.Linear(3, 3), _reward(device))
+    with pytest.raises(TypeError, match="reward must be callable"):
+        fastwm.CEMPlanner(m, 3.0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        fastwm.CEMPlanner(m, _reward(device), generator=0)
+    planner = fastwm.CEMPlanner(m, lambda f: f, horizon=2, candidates=10, top_k=2, iterations=1)
+    with fastwm.backend("reference"), pytest.raises(ValueError, match="reward must map features"):
+        planner(m.initial(1))
+    with pytest.raises(ValueError, match=r"state.deter must have shape \[B, 0\]"):
+        fastwm.CEMPlanner(m, _reward(device))(fastwm.State(*(torch.zeros(1, 4, dtype=torch.float64,
+                                                                          device=device),) * 4))
