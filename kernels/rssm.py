@@ -417,7 +417,7 @@ def _gauss_fwd(raw_ptr, S, noise_ptr, ldn, seed, z_ptr, ldz, m_ptr, s_ptr, ldo, 
 
 
 @triton.jit
-def _gauss_bwd(raw_ptr, S, noise_ptr, seed_ptr, gz_ptr, gm_ptr, gs_ptr, draw_ptr, praw_ptr, gkl_ptr, dpraw_ptr,
+def _gauss_bwd(raw_ptr, S, noise_ptr, seed, gz_ptr, gm_ptr, gs_ptr, draw_ptr, praw_ptr, gkl_ptr, dpraw_ptr,
                rows, rmask, NOISE: tl.constexpr, HAS_KL: tl.constexpr, ACC_IN: tl.constexpr,
                STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_S: tl.constexpr):
@@ -425,9 +425,6 @@ def _gauss_bwd(raw_ptr, S, noise_ptr, seed_ptr, gz_ptr, gm_ptr, gs_ptr, draw_ptr
     # with respect to (mean, std) (the KL's, written by the posterior's call) to add before the std chain rule.
     # HAS_KL: also writes the KL's gradients with respect to the prior's (mean, std) into dpraw.
     S4 = (S + 3) // 4
-    seed = 0
-    if NOISE == 2:
-        seed = tl.load(seed_ptr)
     gkl = tl.zeros([BLOCK_M], dtype=COMPUTE)
     if HAS_KL:
         gkl = tl.load(gkl_ptr + rows, mask=rmask, other=0.0).to(COMPUTE)
@@ -472,9 +469,9 @@ def _gauss_bwd(raw_ptr, S, noise_ptr, seed_ptr, gz_ptr, gm_ptr, gs_ptr, draw_ptr
 
 
 @triton.jit
-def _step_fwd_kernel(
+def _step_fwd_body(
     z_ptr, a_ptr, h_ptr, e_ptr,  # [B, S], [B, A], [B, D], [B, E] (X) inputs; e only with POST
-    nq_ptr, np_ptr, seed_ptr,  # noise [B, S] (X) of the posterior and the prior sample, seeds [2] int64
+    nq_ptr, np_ptr, q_seed, p_seed,  # noise [B, S] (X) of the posterior and the prior sample, or int64 seeds
     w_in, b_in, nw_in, nb_in,  # input layer [Hd, S + A], [Hd], LayerNorm [Hd] x 2
     w_c1, w_c2, b_c1, b_c2, nw_c, nb_c,  # cell: GRU W_ih [3D, Hd], W_hh [3D, D], biases; LN-GRU W [3D, Hd + D], norm
     w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,  # prior head [Hd, D'], [2S, Hd]
@@ -485,7 +482,7 @@ def _step_fwd_kernel(
     c_save, c_rstd,  # saved: GRU [B, 4D] gates; LN-GRU [B, 3D] xhat and rstd [B]
     p_pre, p_rstd, p_y, p_raw,  # saved: prior head [B, Hd], [B], [B, Hd], [B, 2S]
     q_pre, q_rstd, q_y, q_raw,  # saved: posterior head, same shapes
-    B, S, A, D, E, HD,
+    B, S, A, D, E, HD, rows, rmask,
     CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, POST: tl.constexpr,
     NOISE_Q: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
     EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr,
@@ -494,9 +491,7 @@ def _step_fwd_kernel(
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rmask = rows < B
+    # One RSSM step for rows [rows] (the prior step, or the posterior step with POST); see _step_fwd_kernel.
     # input layer on [z, a]
     _linear(x_pre, HD, z_ptr, S, S, a_ptr, A, A, w_in, S + A, 1, HD, b_in, rows, rmask,
             True, HAS_B_IN, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -526,15 +521,6 @@ def _step_fwd_kernel(
     _linear(p_raw, 2 * S, p_y, HD, HD, p_y, HD, 0, w_p2, HD, 1, 2 * S, b_p2, rows, rmask,
             False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
-    q_seed = 0
-    p_seed = 0
-    if NOISE_Q == 2:
-        q_seed = tl.load(seed_ptr)
-    if NOISE_P == 2:
-        if POST:
-            p_seed = tl.load(seed_ptr + 1)  # the posterior step's prior sample takes the second seed
-        else:
-            p_seed = tl.load(seed_ptr)
     _gauss_fwd(p_raw, S, np_ptr, S, p_seed, zp_out, S, pm_out, ps_out, S, p_raw, kl_out, rows, rmask,
                NOISE_P, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, True)
     if POST:
@@ -551,8 +537,48 @@ def _step_fwd_kernel(
 
 
 @triton.jit
-def _step_bwd_kernel(
-    z_ptr, a_ptr, h_ptr, e_ptr, nq_ptr, np_ptr, seed_ptr,  # as in the forward
+def _step_fwd_kernel(
+    z_ptr, a_ptr, h_ptr, e_ptr,  # [B, S], [B, A], [B, D], [B, E] (X) inputs; e only with POST
+    nq_ptr, np_ptr, seed_ptr,  # noise [B, S] (X) of the posterior and the prior sample, seeds [2] int64
+    w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+    w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2,  # the weights, as in _step_fwd_body
+    hout, zp_out, pm_out, ps_out, zq_out, qm_out, qs_out, kl_out,  # outputs, as in _step_fwd_body
+    x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw, q_pre, q_rstd, q_y, q_raw,  # saved
+    B, S, A, D, E, HD,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, POST: tl.constexpr,
+    NOISE_Q: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
+    EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr,
+    HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_P1: tl.constexpr,
+    HAS_B_Q1: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    q_seed = 0
+    p_seed = 0
+    if NOISE_Q == 2:
+        q_seed = tl.load(seed_ptr)
+    if NOISE_P == 2:
+        if POST:
+            p_seed = tl.load(seed_ptr + 1)  # the posterior step's prior sample takes the second seed
+        else:
+            p_seed = tl.load(seed_ptr)
+    _step_fwd_body(
+        z_ptr, a_ptr, h_ptr, e_ptr, nq_ptr, np_ptr, q_seed, p_seed,
+        w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+        w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2,
+        hout, zp_out, pm_out, ps_out, zq_out, qm_out, qs_out, kl_out,
+        x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw, q_pre, q_rstd, q_y, q_raw,
+        B, S, A, D, E, HD, rows, rows < B,
+        CELL, ACT, NORM, POST, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, EPS, UPDATE_BIAS,
+        HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, HAS_B_Q1, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
+    )
+
+
+@triton.jit
+def _step_bwd_body(
+    z_ptr, a_ptr, h_ptr, e_ptr, nq_ptr, np_ptr, q_seed, p_seed,  # as in the forward
     w_in, nw_in, nb_in, w_c1, w_c2, nw_c, nb_c, w_p1, nw_p1, nb_p1, w_p2, w_q1, nw_q1, nb_q1, w_q2,
     x_pre, x_rstd, c_save, c_rstd, p_pre, p_rstd, p_raw, q_pre, q_rstd, q_raw,  # saved by the forward
     g_h, g_zp, g_pm, g_ps, g_zq, g_qm, g_qs, g_kl,  # upstream grads of the forward's outputs ([B, D], [B, S] x 6, [B])
@@ -562,23 +588,21 @@ def _step_bwd_kernel(
     d_hin,  # out: d of what the heads read [B, D'] (h', or x for cell "none")
     d_praw, d_py, d_ppre, d_pv,  # out: prior head [B, 2S], [B, Hd] x 3
     d_qraw, d_qy, d_qpre, d_qv,  # out: posterior head
-    B, S, A, D, E, HD,
+    B, S, A, D, E, HD, rows, rmask,
     CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, POST: tl.constexpr,
     NOISE_Q: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
     UPDATE_BIAS: tl.constexpr,
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rmask = rows < B
+    # The backward of one RSSM step for rows [rows]; see _step_bwd_kernel.
     if CELL == 2:
         DH = HD
     else:
         DH = D
     _copy_rows(d_hin, g_h, DH, rows, rmask, CELL != 2, COMPUTE, BLOCK_M, BLOCK_N)
     if POST:
-        _gauss_bwd(q_raw, S, nq_ptr, seed_ptr, g_zq, g_qm, g_qs, d_qraw, p_raw, g_kl, d_praw, rows, rmask,
+        _gauss_bwd(q_raw, S, nq_ptr, q_seed, g_zq, g_qm, g_qs, d_qraw, p_raw, g_kl, d_praw, rows, rmask,
                    NOISE_Q, True, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
         tl.debug_barrier()
         # d q_y = d q_raw @ W_q2 (W_q2 [2S, Hd] read transposed)
@@ -592,11 +616,7 @@ def _step_bwd_kernel(
                 False, False, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         _linear(d_e, E, d_qpre, HD, HD, d_qpre, 0, 0, w_q1 + DH, 1, DH + E, E, w_q1, rows, rmask,
                 False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    if POST:
-        pseed = seed_ptr + 1
-    else:
-        pseed = seed_ptr
-    _gauss_bwd(p_raw, S, np_ptr, pseed, g_zp, g_pm, g_ps, d_praw, p_raw, g_kl, d_praw, rows, rmask,
+    _gauss_bwd(p_raw, S, np_ptr, p_seed, g_zp, g_pm, g_ps, d_praw, p_raw, g_kl, d_praw, rows, rmask,
                NOISE_P, False, POST, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
     tl.debug_barrier()
     _linear(d_py, HD, d_praw, 2 * S, 2 * S, d_praw, 0, 0, w_p2, 1, HD, HD, w_p2, rows, rmask,
@@ -635,6 +655,43 @@ def _step_bwd_kernel(
             False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     _linear(d_a, A, d_xpre, HD, HD, d_xpre, 0, 0, w_in + S, 1, S + A, A, w_in, rows, rmask,
             False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _step_bwd_kernel(
+    z_ptr, a_ptr, h_ptr, e_ptr, nq_ptr, np_ptr, seed_ptr,  # as in the forward
+    w_in, nw_in, nb_in, w_c1, w_c2, nw_c, nb_c, w_p1, nw_p1, nb_p1, w_p2, w_q1, nw_q1, nb_q1, w_q2,
+    x_pre, x_rstd, c_save, c_rstd, p_pre, p_rstd, p_raw, q_pre, q_rstd, q_raw,  # saved by the forward
+    g_h, g_zp, g_pm, g_ps, g_zq, g_qm, g_qs, g_kl,  # upstream grads, as in _step_bwd_body
+    d_z, d_a, d_h, d_e, d_xpre, d_xv, d_x, d_c1, d_c2, d_hin, d_praw, d_py, d_ppre, d_pv, d_qraw, d_qy, d_qpre, d_qv,
+    B, S, A, D, E, HD,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, POST: tl.constexpr,
+    NOISE_Q: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
+    UPDATE_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    q_seed = 0
+    p_seed = 0
+    if NOISE_Q == 2:
+        q_seed = tl.load(seed_ptr)
+    if NOISE_P == 2:
+        if POST:
+            p_seed = tl.load(seed_ptr + 1)
+        else:
+            p_seed = tl.load(seed_ptr)
+    _step_bwd_body(
+        z_ptr, a_ptr, h_ptr, e_ptr, nq_ptr, np_ptr, q_seed, p_seed,
+        w_in, nw_in, nb_in, w_c1, w_c2, nw_c, nb_c, w_p1, nw_p1, nb_p1, w_p2, w_q1, nw_q1, nb_q1, w_q2,
+        x_pre, x_rstd, c_save, c_rstd, p_pre, p_rstd, p_raw, q_pre, q_rstd, q_raw,
+        g_h, g_zp, g_pm, g_ps, g_zq, g_qm, g_qs, g_kl,
+        d_z, d_a, d_h, d_e, d_xpre, d_xv, d_x, d_c1, d_c2, d_hin, d_praw, d_py, d_ppre, d_pv, d_qraw, d_qy, d_qpre, d_qv,
+        B, S, A, D, E, HD, rows, rows < B,
+        CELL, ACT, NORM, POST, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, UPDATE_BIAS,
+        COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
+    )
 
 
 @triton.jit
