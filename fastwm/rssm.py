@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._backend import use_triton
+from .observe import fused_observe
 from .rollout import imagine_fused, needs_grad, pack_mlp
 from .step import posterior_step, prior_step
 
@@ -272,13 +273,18 @@ class RSSM(nn.Module):
         return state, action * keep.to(action.dtype)
 
     def observe(self, embed: Tensor, action: Tensor, is_first: Tensor | None = None, state: State | None = None,
-                noise: Tensor | None = None, *, generator: torch.Generator | None = None,
+                noise: Tensor | None = None, *, prior_noise: Tensor | None = None,
+                generator: torch.Generator | None = None,
                 return_kl: bool = False) -> tuple[State, State] | tuple[State, State, Tensor]:
         """Filter a sequence: embed [B, T, E], action [B, T, A] -> (post, prior), States with [B, T, ...] fields.
 
         ``is_first`` [B, T] (bool) resets a row to :meth:`initial` before step t and zeroes its action there, as
         dreamerv3-torch does; ``state`` is the state before step 0 (:meth:`initial` when None); ``noise``
-        [B, T, S] is the posterior's noise. With ``return_kl``, also KL(post || prior) [B, T]."""
+        [B, T, S] is the posterior's noise and ``prior_noise`` the prior samples' (drawn when None). With
+        ``return_kl``, also KL(post || prior) [B, T].
+
+        On the Triton backend the whole sequence is one forward launch and one reverse-time backward launch
+        (:mod:`fastwm.observe`); on the reference backend it loops :meth:`obs_step`."""
         if not isinstance(embed, Tensor) or embed.dim() != 3:
             raise ValueError(f"embed must have shape [B, T, {self.embed_dim}], got "
                              f"{list(embed.shape) if isinstance(embed, Tensor) else type(embed).__name__}")
@@ -287,6 +293,8 @@ class RSSM(nn.Module):
         action = self._check_input("action", action, self.action_dim, (b, t_len))
         if noise is not None:
             noise = self._check_input("noise", noise, self.stoch, (b, t_len))
+        if prior_noise is not None:
+            prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b, t_len))
         if is_first is not None:
             if not isinstance(is_first, Tensor) or tuple(is_first.shape) != (b, t_len):
                 got = list(is_first.shape) if isinstance(is_first, Tensor) else type(is_first).__name__
@@ -297,12 +305,18 @@ class RSSM(nn.Module):
         state = self.initial(b) if state is None else self._check_state(state)
         if state.stoch.shape[0] != b:
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
+        if use_triton(embed) and t_len > 0:
+            deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, self.weights(), state.stoch, state.deter,
+                                                              embed, action, is_first, noise, prior_noise, generator)
+            post_s, prior_s = State(deter, qz, qm, qs), State(deter, pz, pm, ps)
+            return (post_s, prior_s, kl) if return_kl else (post_s, prior_s)
         posts, priors, kls = [], [], []
         for t in range(t_len):
             a = action[:, t]
             if is_first is not None:
                 state, a = self._reset(state, a, is_first[:, t])
             post, prior, kl = self.obs_step(state, a, embed[:, t], None if noise is None else noise[:, t],
+                                            prior_noise=None if prior_noise is None else prior_noise[:, t],
                                             generator=generator, return_kl=True)
             posts.append(post)
             priors.append(prior)

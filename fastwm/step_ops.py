@@ -144,25 +144,13 @@ def _sum_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.sum(0).to(dtype)
 
 
-def _step_backward(ctx, *grads):
-    n_w = ctx.n_weights
-    stoch, action, deter, embed, noise, prior_noise, seed, hout, *rest = ctx.saved_tensors
-    weights, saved = rest[:n_w], rest[n_w:]
-    cell, act, norm, post, std_mode, min_std = ctx.config
-    b, s = stoch.shape
-    # Upstream grads of the 8 outputs; those that got none are zeros (the kernel reads every one it needs).
-    out_shapes = [(b, deter.shape[1]) if cell != 2 else (0,)] + [(b, s)] * 3 + [(b, s) if post else (0,)] * 3
-    out_shapes.append((b,) if post else (0,))
-    g_list = []
-    for i, shape in enumerate(out_shapes):
-        g = grads[i]
-        if g is None:
-            dtype = (torch.float64 if stoch.dtype == torch.float64 else torch.float32) if i == 7 else stoch.dtype
-            g = stoch.new_zeros(shape, dtype=dtype)
-        g_list.append(g)
-    (d_z, d_a, d_h, d_e, d_xpre, d_xv, d_x, d_c1, d_c2, d_hin, d_praw, d_ppre, d_pv, d_qraw, d_qpre,
-     d_qv) = _step_backward_op(stoch, action, deter, embed, noise, prior_noise, seed, list(weights), list(saved),
-                               g_list, cell, act, norm, post, std_mode, min_std)
+def weight_grads(cell: int, norm: bool, post: bool, weights, saved, stoch: Tensor, action: Tensor, deter: Tensor,
+                 embed: Tensor | None, hout: Tensor, d_pre) -> list[Tensor | None]:
+    """The weight gradients of the step from the per-row pre-activation gradients ``d_pre`` = (d_xpre, d_xv, d_c1,
+    d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv): one matrix product (or row sum) per parameter over all rows.
+    Every tensor is 2-D [rows, width] ([rows] for the saved rstds), rows being B for a step or T x B for observe."""
+    d_xpre, d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv = d_pre
+    n_w = len(weights)
     (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
      w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = weights
     x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw, q_pre, q_rstd, q_y, q_raw = saved
@@ -201,6 +189,30 @@ def _step_backward(ctx, *grads):
         if norm:
             gw[18], gw[19] = _sum_rows(d_qv * q_pre, wdt), _sum_rows(d_qv, wdt)
         gw[20], gw[21] = _wgrad(d_qraw, q_y, dtype=wdt), _sum_rows(d_qraw, wdt)
+    return gw
+
+
+def _step_backward(ctx, *grads):
+    n_w = ctx.n_weights
+    stoch, action, deter, embed, noise, prior_noise, seed, hout, *rest = ctx.saved_tensors
+    weights, saved = rest[:n_w], rest[n_w:]
+    cell, act, norm, post, std_mode, min_std = ctx.config
+    b, s = stoch.shape
+    # Upstream grads of the 8 outputs; those that got none are zeros (the kernel reads every one it needs).
+    out_shapes = [(b, deter.shape[1]) if cell != 2 else (0,)] + [(b, s)] * 3 + [(b, s) if post else (0,)] * 3
+    out_shapes.append((b,) if post else (0,))
+    g_list = []
+    for i, shape in enumerate(out_shapes):
+        g = grads[i]
+        if g is None:
+            dtype = (torch.float64 if stoch.dtype == torch.float64 else torch.float32) if i == 7 else stoch.dtype
+            g = stoch.new_zeros(shape, dtype=dtype)
+        g_list.append(g)
+    (d_z, d_a, d_h, d_e, d_xpre, d_xv, d_x, d_c1, d_c2, d_hin, d_praw, d_ppre, d_pv, d_qraw, d_qpre,
+     d_qv) = _step_backward_op(stoch, action, deter, embed, noise, prior_noise, seed, list(weights), list(saved),
+                               g_list, cell, act, norm, post, std_mode, min_std)
+    gw = weight_grads(cell, norm, post, weights, saved, stoch, action, deter, embed, hout,
+                      (d_xpre, d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv))
     dt = stoch.dtype
     return (
         d_z.to(dt), d_a.to(dt), d_h.to(dt) if cell != 2 else None, d_e.to(dt) if post else None,

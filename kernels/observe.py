@@ -1,0 +1,317 @@
+"""The whole of ``RSSM.observe`` in two launches: a forward time loop and a reverse-time backward loop.
+
+The posterior sample at step t feeds the cell at step t + 1, so the cell, the posterior head and the sample sit inside
+one time loop: each program owns ``BLOCK_M`` sequences and runs the posterior step (:func:`_step_fwd_body` of
+``fastwm.kernels.rssm``) for t = 0 .. T - 1, applying the ``is_first`` resets on the fly. Everything is time-major
+([T, B, ...]) so that step t's slice is a contiguous [B, ...] block.
+
+The backward walks t = T - 1 .. 0 with :func:`_step_bwd_body`, carrying the gradients with respect to the next step's
+input state (stoch, deter) back, and writes every layer's pre-activation gradient for every (t, b): the weight
+gradients are then a few matrix products over all T x B rows (``fastwm.observe``), deterministic, no atomics.
+
+Seeded noise: step t's posterior draws with seed[0] + t, its prior sample with seed[1] + t
+(``fastwm.reference.philox_normal(seed + t, (B, S))``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gaussian import _compute_dtype, empty
+from .rssm import (
+    BLOCK_K,
+    BLOCK_M,
+    BLOCK_N,
+    NUM_WARPS,
+    _block_s,
+    _prec,
+    _step_bwd_body,
+    _step_fwd_body,
+    compute_dtype,
+)
+
+__all__ = ["observe_fwd", "observe_bwd", "N_SAVED"]
+
+N_SAVED = 16  # z_in, h_in, a_in and the 13 buffers of the step
+
+
+@triton.jit
+def _keep_copy(dst_ptr, src_ptr, N, keep, rows, rmask, HAS_SRC: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    # dst[rows, :N] = keep[:, None] * src (0 without HAS_SRC); row-major, row length N, cast to dst's dtype.
+    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs = rows[:, None] * N + cols[None, :]
+        mask = rmask[:, None] & (cols < N)[None, :]
+        v = tl.zeros([BLOCK_M, BLOCK_N], dtype=keep.dtype)
+        if HAS_SRC:
+            v = tl.load(src_ptr + offs, mask=mask, other=0.0).to(keep.dtype) * keep[:, None]
+        tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_keep(dst_ptr, a_ptr, b_ptr, N, keep, rows, rmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dst = a + keep[:, None] * b over rows [rows] of length N (a: upstream grads, b: the carried gradient).
+    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs = rows[:, None] * N + cols[None, :]
+        mask = rmask[:, None] & (cols < N)[None, :]
+        v = tl.load(a_ptr + offs, mask=mask, other=0.0).to(keep.dtype) + \
+            keep[:, None] * tl.load(b_ptr + offs, mask=mask, other=0.0).to(keep.dtype)
+        tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _keep_of(first_ptr, rows, rmask, HAS_FIRST: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr):
+    keep = tl.full([BLOCK_M], 1.0, COMPUTE)
+    if HAS_FIRST:
+        f = tl.load(first_ptr + rows, mask=rmask, other=0)
+        keep = tl.where(f != 0, 0.0, keep)
+    return keep
+
+
+@triton.jit
+def _observe_fwd_kernel(
+    z0_ptr, h0_ptr,  # [B, S], [B, D] (X): the state before step 0
+    act_ptr, emb_ptr, first_ptr,  # [T, B, A], [T, B, E] (X), [T, B] int8 (HAS_FIRST)
+    nq_ptr, np_ptr, seed_ptr,  # [T, B, S] (X) posterior / prior noise (NOISE_Q / NOISE_P 1), [2] int64 seeds
+    w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+    w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2,  # the weights, as in the step kernel
+    hs, zp, pm, ps, zq, qm, qs, kl,  # out [T, B, D], [T, B, S] x 6 (X), [T, B] (fp32 / fp64)
+    z_in, h_in, a_in,  # saved [T, B, S], [T, B, D], [T, B, A] (X): each step's input state and action, reset applied
+    x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw, q_pre, q_rstd, q_y, q_raw,  # saved [T, B, ...]
+    B, T, S, A, D, E, HD, C_W,  # C_W: the width of c_save (4D for the GRU, 3D for the LN-GRU)
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, NOISE_Q: tl.constexpr,
+    NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, EPS: tl.constexpr,
+    UPDATE_BIAS: tl.constexpr,
+    HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_P1: tl.constexpr,
+    HAS_B_Q1: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < B
+    HAS_D: tl.constexpr = CELL != 2
+    q_seed = 0
+    if NOISE_Q == 2:
+        q_seed = tl.load(seed_ptr)
+    p_seed = 0
+    if NOISE_P == 2:
+        p_seed = tl.load(seed_ptr + 1)
+    for t in range(0, T):
+        keep = _keep_of(first_ptr + t * B, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
+        if t == 0:
+            _keep_copy(z_in, z0_ptr, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+            if HAS_D:
+                _keep_copy(h_in, h0_ptr, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+        else:
+            _keep_copy(z_in + t * B * S, zq + (t - 1) * B * S, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+            if HAS_D:
+                _keep_copy(h_in + t * B * D, hs + (t - 1) * B * D, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+        _keep_copy(a_in + t * B * A, act_ptr + t * B * A, A, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+        tl.debug_barrier()
+        _step_fwd_body(
+            z_in + t * B * S, a_in + t * B * A, h_in + t * B * D, emb_ptr + t * B * E,
+            nq_ptr + t * B * S, np_ptr + t * B * S, q_seed + t, p_seed + t,
+            w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+            w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2,
+            hs + t * B * D, zp + t * B * S, pm + t * B * S, ps + t * B * S,
+            zq + t * B * S, qm + t * B * S, qs + t * B * S, kl + t * B,
+            x_pre + t * B * HD, x_rstd + t * B, x_act + t * B * HD, c_save + t * B * C_W, c_rstd + t * B,
+            p_pre + t * B * HD, p_rstd + t * B, p_y + t * B * HD, p_raw + t * B * 2 * S,
+            q_pre + t * B * HD, q_rstd + t * B, q_y + t * B * HD, q_raw + t * B * 2 * S,
+            B, S, A, D, E, HD, rows, rmask,
+            CELL, ACT, NORM, True, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, EPS, UPDATE_BIAS,
+            HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, HAS_B_Q1, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
+        )
+        tl.debug_barrier()
+
+
+@triton.jit
+def _observe_bwd_kernel(
+    emb_ptr, first_ptr, nq_ptr, np_ptr, seed_ptr,  # as in the forward
+    w_in, nw_in, nb_in, w_c1, w_c2, nw_c, nb_c, w_p1, nw_p1, nb_p1, w_p2, w_q1, nw_q1, nb_q1, w_q2,
+    z_in, h_in, a_in, x_pre, x_rstd, c_save, c_rstd, p_pre, p_rstd, p_raw, q_pre, q_rstd, q_raw,  # saved
+    g_hs, g_zp, g_pm, g_ps, g_zq, g_qm, g_qs, g_kl,  # upstream grads [T, B, ...] of the forward's outputs
+    d_z0, d_h0,  # out [B, S], [B, D] (C): grads of the state before step 0
+    d_a, d_e,  # out [T, B, A], [T, B, E] (C): grads of a_in (the caller zeroes the reset steps) and of embed
+    d_xpre, d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv,  # out [T, B, ...] (C) per-step pre-act grads
+    g_h_tot, g_zq_tot, carry_h, carry_z,  # scratch [B, D], [B, S], [B, D], [B, S] (C)
+    d_x, d_hin, d_py, d_qy,  # scratch [B, Hd], [B, D'], [B, Hd], [B, Hd] (C)
+    B, T, S, A, D, E, HD, C_W,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, NOISE_Q: tl.constexpr,
+    NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, UPDATE_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < B
+    HAS_D: tl.constexpr = CELL != 2
+    q_seed = 0
+    if NOISE_Q == 2:
+        q_seed = tl.load(seed_ptr)
+    p_seed = 0
+    if NOISE_P == 2:
+        p_seed = tl.load(seed_ptr + 1)
+    for i in range(0, T):
+        t = T - 1 - i
+        # the gradient reaching step t's outputs (deter, post stoch): upstream, plus what step t + 1 sends back
+        # through its input state unless step t + 1 was reset
+        if i == 0:
+            ones = tl.full([BLOCK_M], 1.0, COMPUTE)
+            if HAS_D:
+                _keep_copy(g_h_tot, g_hs + t * B * D, D, ones, rows, rmask, True, BLOCK_M, BLOCK_N)
+            _keep_copy(g_zq_tot, g_zq + t * B * S, S, ones, rows, rmask, True, BLOCK_M, BLOCK_N)
+        else:
+            keep_next = _keep_of(first_ptr + (t + 1) * B, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
+            if HAS_D:
+                _add_keep(g_h_tot, g_hs + t * B * D, carry_h, D, keep_next, rows, rmask, BLOCK_M, BLOCK_N)
+            _add_keep(g_zq_tot, g_zq + t * B * S, carry_z, S, keep_next, rows, rmask, BLOCK_M, BLOCK_N)
+        tl.debug_barrier()
+        _step_bwd_body(
+            z_in + t * B * S, a_in + t * B * A, h_in + t * B * D, emb_ptr + t * B * E,
+            nq_ptr + t * B * S, np_ptr + t * B * S, q_seed + t, p_seed + t,
+            w_in, nw_in, nb_in, w_c1, w_c2, nw_c, nb_c, w_p1, nw_p1, nb_p1, w_p2, w_q1, nw_q1, nb_q1, w_q2,
+            x_pre + t * B * HD, x_rstd + t * B, c_save + t * B * C_W, c_rstd + t * B,
+            p_pre + t * B * HD, p_rstd + t * B, p_raw + t * B * 2 * S, q_pre + t * B * HD, q_rstd + t * B,
+            q_raw + t * B * 2 * S,
+            g_h_tot, g_zp + t * B * S, g_pm + t * B * S, g_ps + t * B * S, g_zq_tot, g_qm + t * B * S,
+            g_qs + t * B * S, g_kl + t * B,
+            carry_z, d_a + t * B * A, carry_h, d_e + t * B * E,
+            d_xpre + t * B * HD, d_xv + t * B * HD, d_x, d_c1 + t * B * 3 * D, d_c2 + t * B * 3 * D, d_hin,
+            d_praw + t * B * 2 * S, d_py, d_ppre + t * B * HD, d_pv + t * B * HD,
+            d_qraw + t * B * 2 * S, d_qy, d_qpre + t * B * HD, d_qv + t * B * HD,
+            B, S, A, D, E, HD, rows, rmask,
+            CELL, ACT, NORM, True, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, UPDATE_BIAS,
+            COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
+        )
+        tl.debug_barrier()
+    keep0 = _keep_of(first_ptr, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
+    _keep_copy(d_z0, carry_z, S, keep0, rows, rmask, True, BLOCK_M, BLOCK_N)
+    if HAS_D:
+        _keep_copy(d_h0, carry_h, D, keep0, rows, rmask, True, BLOCK_M, BLOCK_N)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _saved_widths(cell: int, norm: bool, s: int, a: int, d: int, hd: int) -> list[int | None]:
+    """Per-(t, b) widths of the 16 saved buffers (None: one number per row; 0: absent)."""
+    c_w = 4 * d if cell == 0 else (3 * d if cell == 1 else 0)
+    rstd = None if norm else 0
+    return [s, d if cell != 2 else 0, a, hd, rstd, hd, c_w, None if cell == 1 else 0, hd, rstd, hd, 2 * s, hd, rstd,
+            hd, 2 * s]
+
+
+def observe_fwd(
+    z0: torch.Tensor, h0: torch.Tensor, action: torch.Tensor, embed: torch.Tensor, first: torch.Tensor | None,
+    noise: torch.Tensor | None, prior_noise: torch.Tensor | None, seed: torch.Tensor, w: list[torch.Tensor | None],
+    *, cell: int, act: int,
+    norm: bool, std_mode: int, min_std: float, eps: float, update_bias: float = -1.0,
+) -> tuple[torch.Tensor, ...]:
+    """The fused observe on time-major contiguous inputs: action [T, B, A], embed [T, B, E], first [T, B] int8 or
+    None, noise / prior_noise [T, B, S] or None (then seed[0] + t / seed[1] + t), seed [2] int64. Returns the 8 outputs [T, B, ...] (deter,
+    prior stoch / mean / std, posterior stoch / mean / std, kl) and the 16 saved buffers."""
+    (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+     w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = w
+    t_len, bsz, a_dim = action.shape
+    e_dim = embed.shape[2]
+    s, d, hd = z0.shape[1], h0.shape[1], w_in.shape[0]
+    dt, cdt = z0.dtype, compute_dtype(z0.dtype)
+    kl_dt = torch.float64 if dt == torch.float64 else torch.float32
+    widths = _saved_widths(cell, norm, s, a_dim, d, hd)
+    if t_len * bsz * max(hd, 4 * d, e_dim, 2 * s) >= 2**31:
+        raise ValueError("observe: T x B x width must stay below 2**31 elements per buffer")
+
+    def buf(width: int | None, dtype: torch.dtype = cdt) -> torch.Tensor:
+        if width == 0:
+            return empty((0,), like=z0, dtype=dtype)
+        return empty((t_len, bsz) if width is None else (t_len, bsz, width), like=z0, dtype=dtype)
+
+    outs = (buf(d if cell != 2 else 0, dt), buf(s, dt), buf(s, dt), buf(s, dt), buf(s, dt), buf(s, dt), buf(s, dt),
+            buf(None, kl_dt))
+    saved = tuple(buf(wd, dt if i < 3 else cdt) for i, wd in enumerate(widths))
+    if t_len == 0 or bsz == 0:
+        return outs + saved
+    x = z0
+
+    def p(t: torch.Tensor | None) -> torch.Tensor:
+        return x if t is None or t.numel() == 0 else t
+
+    _observe_fwd_kernel[(triton.cdiv(bsz, BLOCK_M),)](
+        z0, p(h0), action, embed, p(first), p(noise), p(prior_noise), seed,
+        w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),
+        w_p1, p(b_p1), p(nw_p1), p(nb_p1), w_p2, b_p2, w_q1, p(b_q1), p(nw_q1), p(nb_q1), w_q2, b_q2,
+        *(p(t) for t in outs), *(p(t) for t in saved),
+        bsz, t_len, s, a_dim, d, e_dim, hd, widths[6],
+        CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,
+        NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode, MIN_STD=float(min_std), EPS=float(eps),
+        UPDATE_BIAS=float(update_bias),
+        HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_P1=b_p1 is not None,
+        HAS_B_Q1=b_q1 is not None,
+        COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+    )
+    return outs + saved
+
+
+def observe_bwd(
+    z0: torch.Tensor, h0: torch.Tensor, embed: torch.Tensor, first: torch.Tensor | None, noise: torch.Tensor | None,
+    prior_noise: torch.Tensor | None, seed: torch.Tensor, w: list[torch.Tensor | None],
+    saved: tuple[torch.Tensor, ...],
+    grads: tuple[torch.Tensor, ...], *, cell: int, act: int, norm: bool, std_mode: int, min_std: float,
+    update_bias: float = -1.0,
+) -> tuple[torch.Tensor, ...]:
+    """The reverse-time backward of :func:`observe_fwd`. ``grads``: the upstream grads of the 8 outputs, contiguous
+    time-major (zeros where none flowed). Returns (d_z0, d_h0, d_a [T, B, A] (before the reset mask), d_e, d_xpre,
+    d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv), all in the compute dtype."""
+    (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+     w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = w
+    t_len, bsz, e_dim = embed.shape
+    s, d, hd = z0.shape[1], h0.shape[1], w_in.shape[0]
+    a_dim = w_in.shape[1] - s
+    cdt = compute_dtype(z0.dtype)
+    dh_in = hd if cell == 2 else d
+    widths = _saved_widths(cell, norm, s, a_dim, d, hd)
+
+    def buf(shape: tuple[int, ...], wanted: bool = True) -> torch.Tensor:
+        return empty(shape if wanted else (0,), like=z0, dtype=cdt)
+
+    d_z0, d_h0 = buf((bsz, s)), buf((bsz, d), cell != 2)
+    d_a, d_e = buf((t_len, bsz, a_dim)), buf((t_len, bsz, e_dim))
+    per_step = (buf((t_len, bsz, hd)), buf((t_len, bsz, hd), norm), buf((t_len, bsz, 3 * d), cell != 2),
+                buf((t_len, bsz, 3 * d), cell != 2), buf((t_len, bsz, 2 * s)), buf((t_len, bsz, hd)),
+                buf((t_len, bsz, hd), norm), buf((t_len, bsz, 2 * s)), buf((t_len, bsz, hd)),
+                buf((t_len, bsz, hd), norm))
+    if t_len and bsz:
+        x = z0
+
+        def p(t: torch.Tensor | None) -> torch.Tensor:
+            return x if t is None or t.numel() == 0 else t
+
+        scratch = (buf((bsz, d), cell != 2), buf((bsz, s)), buf((bsz, d), cell != 2), buf((bsz, s)),
+                   buf((bsz, hd)), buf((bsz, dh_in)), buf((bsz, hd)), buf((bsz, hd)))
+        (z_in, h_in, a_in, x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw, q_pre, q_rstd, q_y,
+         q_raw) = saved
+        _observe_bwd_kernel[(triton.cdiv(bsz, BLOCK_M),)](
+            embed, p(first), p(noise), p(prior_noise), seed,
+            w_in, p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(nw_c), p(nb_c), w_p1, p(nw_p1), p(nb_p1), w_p2,
+            w_q1, p(nw_q1), p(nb_q1), w_q2,
+            z_in, p(h_in), a_in, x_pre, p(x_rstd), p(c_save), p(c_rstd), p_pre, p(p_rstd), p_raw, q_pre, p(q_rstd),
+            q_raw,
+            *(p(g) for g in grads),
+            d_z0, p(d_h0), d_a, d_e, *(p(t) for t in per_step), *(p(t) for t in scratch),
+            bsz, t_len, s, a_dim, d, e_dim, hd, widths[6],
+            CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,
+            NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode, MIN_STD=float(min_std),
+            UPDATE_BIAS=float(update_bias),
+            COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+        )
+    return (d_z0, d_h0, d_a, d_e) + per_step
