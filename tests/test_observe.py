@@ -1,0 +1,168 @@
+"""The fused observe (one forward launch, one reverse-time backward launch) against the float64 reference step loop:
+every output, and the gradients of every parameter, the embeddings, the actions and the initial state, with resets in
+the middle of sequences, given and seeded noise, NaN-poisoned buffers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastwm
+from fastwm import reference
+
+from .conftest import assert_close
+
+pytestmark = pytest.mark.interpreter
+
+CONFIGS = [
+    {"cell": "gru"},
+    {"cell": "layernorm_gru", "act": "silu", "norm": True, "std_mode": "sigmoid2"},
+    {"cell": "none", "std_mode": "softplus_clamp"},
+    {"cell": "gru", "norm": True, "act": "silu"},
+]
+CONFIG_IDS = ["gru", "lngru-norm-silu", "none", "gru-norm-silu"]
+
+
+def _model(device, dtype, **kw) -> fastwm.RSSM:
+    torch.manual_seed(0)
+    return fastwm.RSSM(3, 9, **{"stoch": 5, "deter": 11, "hidden": 13, **kw}).to(device=device, dtype=dtype)
+
+
+def _randn(shape, g, device, dtype):
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+
+def _inputs(m: fastwm.RSSM, b: int, t: int, seed: int):
+    w = m.prior2.weight
+    g = torch.Generator().manual_seed(seed)
+    start = fastwm.State(*(_randn(x.shape, g, w.device, w.dtype) for x in m.initial(b)))
+    embed, action = _randn((b, t, 9), g, w.device, w.dtype), _randn((b, t, 3), g, w.device, w.dtype)
+    noise, prior_noise = _randn((b, t, 5), g, w.device, w.dtype), _randn((b, t, 5), g, w.device, w.dtype)
+    first = torch.zeros(b, t, dtype=torch.bool, device=w.device)
+    if t > 2:
+        first[::3, 2] = True  # resets in the middle of sequences
+        first[1::4, 1] = True
+    first[min(5, b - 1), 0] = True
+    return start, embed, action, first, noise, prior_noise
+
+
+def _run(m, backend, start, embed, action, first, noise, prior_noise, upstream_seed=1):
+    leaves = [t.clone().requires_grad_() for t in (start.deter, start.stoch, embed, action)]
+    with fastwm.backend(backend):
+        post, prior, kl = m.observe(leaves[2], leaves[3], first, fastwm.State(leaves[0], leaves[1], start.mean,
+                                    start.std), noise, prior_noise=prior_noise, return_kl=True)
+    outs = [*post, *prior, kl]
+    g = torch.Generator().manual_seed(upstream_seed)
+    # random upstream gradients, some of them with odd strides
+    ups = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype) for o in outs]
+    loss = sum((o * u.unsqueeze(-1).expand(*u.shape, 2)[..., 0]).sum() for o, u in zip(outs, ups) if o.numel())
+    wanted = [x for x in leaves if x.numel()] + list(m.parameters())
+    return outs, torch.autograd.grad(loss, wanted)
+
+
+def _names(m):
+    inputs = (["initial.deter"] if m.deter else []) + ["initial.stoch", "embed", "action"]
+    return inputs + [n for n, _ in m.named_parameters()]
+
+
+OUT_NAMES = ["post.deter", "post.stoch", "post.mean", "post.std", "prior.deter", "prior.stoch", "prior.mean",
+             "prior.std", "kl"]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_observe_matches_float64_reference(device, dtype, cfg, poison):
+    m = _model(device, dtype, **cfg)
+    m64 = copy.deepcopy(m).double()
+    b, t = 19, 4  # 19 sequences: two row blocks, the last one partial
+    start, embed, action, first, noise, prior_noise = _inputs(m, b, t, seed=2)
+    outs, grads = _run(m, "triton", start, embed, action, first, noise, prior_noise)
+    as64 = [x.double() for x in (embed, action, noise, prior_noise)]
+    outs64, grads64 = _run(m64, "reference", fastwm.State(*(x.double() for x in start)), as64[0], as64[1], first,
+                           as64[2], as64[3])
+    eager = None
+    if dtype in (torch.bfloat16, torch.float16):  # flash-attn's bound: the same-dtype eager loop's own error
+        eager = _run(m, "reference", start, embed, action, first, noise, prior_noise)
+    for i, (name, a, e) in enumerate(zip(OUT_NAMES, outs, outs64)):
+        assert_close(a, e, dtype, name, None if eager is None else eager[0][i])
+    for i, (name, a, e) in enumerate(zip(_names(m), grads, grads64)):
+        assert_close(a, e, dtype, f"d {name}", None if eager is None else eager[1][i])
+
+
+@pytest.mark.parametrize("b,t", [(1, 1), (1, 3), (17, 1)])
+def test_observe_edge_shapes(device, b, t):
+    m = _model(device, torch.float64, cell="layernorm_gru", norm=True)
+    start, embed, action, first, noise, prior_noise = _inputs(m, b, t, seed=3)
+    outs, grads = _run(m, "triton", start, embed, action, first, noise, prior_noise)
+    outs64, grads64 = _run(m, "reference", start, embed, action, first, noise, prior_noise)
+    for name, a, e in zip(OUT_NAMES, outs, outs64):
+        assert_close(a, e, torch.float64, name)
+    for name, a, e in zip(_names(m), grads, grads64):
+        assert_close(a, e, torch.float64, f"d {name}")
+
+
+def test_observe_without_resets_or_state(device):
+    m = _model(device, torch.float32)
+    _, embed, action, _, noise, prior_noise = _inputs(m, 6, 3, seed=4)
+    with fastwm.backend("triton"):
+        post, prior = m.observe(embed, action, noise=noise, prior_noise=prior_noise)
+    with fastwm.backend("reference"):
+        post_r, prior_r = m.observe(embed, action, noise=noise, prior_noise=prior_noise)
+    for name, a, e in zip(OUT_NAMES, (*post, *prior), (*post_r, *prior_r)):
+        assert_close(a, e, torch.float32, name)
+
+
+def test_seeded_observe_is_philox_seed_plus_t_and_backward_regenerates_it(device):
+    m = _model(device, torch.float64)
+    b, t = 7, 3
+    start, embed, action, first, _, _ = _inputs(m, b, t, seed=5)
+    with fastwm.backend("triton"):
+        post, prior = m.observe(embed, action, first, start, generator=torch.Generator().manual_seed(21))
+    seeds = torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=torch.Generator().manual_seed(21))
+    q_noise = torch.stack([reference.philox_normal(seeds[0] + i, (b, 5), dtype=torch.float64, device=device)
+                           for i in range(t)], dim=1)
+    p_noise = torch.stack([reference.philox_normal(seeds[1] + i, (b, 5), dtype=torch.float64, device=device)
+                           for i in range(t)], dim=1)
+    assert_close(post.stoch, post.mean + post.std * q_noise, torch.float64, "post.stoch")
+    assert_close(prior.stoch, prior.mean + prior.std * p_noise, torch.float64, "prior.stoch")
+    # seeded forward + backward equals the same noise given
+    m.zero_grad()
+    with fastwm.backend("triton"):
+        post, prior = m.observe(embed, action, first, start, generator=torch.Generator().manual_seed(21))
+        (post.stoch.square().sum() + prior.stoch.sum()).backward()
+    seeded = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    with fastwm.backend("triton"):
+        post, prior = m.observe(embed, action, first, start, q_noise, prior_noise=p_noise)
+        (post.stoch.square().sum() + prior.stoch.sum()).backward()
+    for (name, p), g in zip(m.named_parameters(), seeded):
+        assert_close(g, p.grad, torch.float64, f"d {name}")
+
+
+def test_observe_backward_is_deterministic(device):
+    m = _model(device, torch.float32, cell="layernorm_gru", norm=True, act="silu")
+    start, embed, action, first, noise, prior_noise = _inputs(m, 33, 3, seed=6)
+    _, g1 = _run(m, "triton", start, embed, action, first, noise, prior_noise)
+    _, g2 = _run(m, "triton", start, embed, action, first, noise, prior_noise)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_observe_op_compiles_fullgraph(device):
+    torch._dynamo.reset()
+    m = _model(device, torch.float32)
+    start, embed, action, first, noise, prior_noise = _inputs(m, 5, 2, seed=7)
+
+    def loss_fn(embed, action):
+        post, prior, kl = m.observe(embed, action, first, start, noise, prior_noise=prior_noise, return_kl=True)
+        return post.stoch.square().sum() + prior.mean.sum() + kl.sum()
+
+    with fastwm.backend("triton"):
+        loss_c = torch.compile(loss_fn, fullgraph=True)(embed, action)
+        grads_c = torch.autograd.grad(loss_c, list(m.parameters()))
+        loss_e = loss_fn(embed, action)
+        grads_e = torch.autograd.grad(loss_e, list(m.parameters()))
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
