@@ -24,8 +24,8 @@ def _check_xh(x: object, h: object) -> tuple[Tensor, Tensor, bool]:
     if x.dim() not in (1, 2):
         raise ValueError(f"x must have shape [B, X] or [X], got {tuple(x.shape)}")
     if h.dim() != x.dim() or (x.dim() == 2 and h.shape[0] != x.shape[0]):
-        raise ValueError(f"h must have shape [{x.shape[0]}, D] like x's batch" if x.dim() == 2 else
-                         "h must have shape [D] like the unbatched x" + f", got {tuple(h.shape)}")
+        want = f"[{x.shape[0]}, D] like x's batch" if x.dim() == 2 else "[D] like the unbatched x"
+        raise ValueError(f"h must have shape {want}, got {tuple(h.shape)}")
     if h.dtype != x.dtype:
         raise TypeError(f"h must have the dtype of x ({x.dtype}), got {h.dtype}")
     if h.device != x.device:

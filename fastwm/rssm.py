@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._backend import use_triton
+from .gaussian import _check_min_std
 from .observe import fused_observe
 from .rollout import imagine_fused, needs_grad, pack_mlp
 from .step import posterior_step, prior_step
@@ -130,8 +131,9 @@ class RSSM(nn.Module):
             raise ValueError(f"act must be one of {reference.ACTIVATIONS}, got {act!r}")
         if std_mode not in reference.STD_MODES:
             raise ValueError(f"std_mode must be one of {reference.STD_MODES}, got {std_mode!r}")
-        if not min_std >= 0.0:
-            raise ValueError(f"min_std must be >= 0, got {min_std!r}")
+        _check_min_std(min_std, std_mode)
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"eps must be a float > 0 (the LayerNorm eps), got {eps!r}")
         kw = {"device": device, "dtype": dtype}
         self.action_dim, self.embed_dim, self.stoch, self.hidden = action_dim, embed_dim, stoch, hidden
         self.deter = deter if cell != "none" else 0
@@ -270,7 +272,7 @@ class RSSM(nn.Module):
         init = self.initial(state.stoch.shape[0])
         keep = ~first[:, None]
         state = State(*(torch.where(keep, s, i) for s, i in zip(state, init)))
-        return state, action * keep.to(action.dtype)
+        return state, torch.where(keep, action, torch.zeros_like(action))
 
     def observe(self, embed: Tensor, action: Tensor, is_first: Tensor | None = None, state: State | None = None,
                 noise: Tensor | None = None, *, prior_noise: Tensor | None = None,
@@ -295,6 +297,9 @@ class RSSM(nn.Module):
             noise = self._check_input("noise", noise, self.stoch, (b, t_len))
         if prior_noise is not None:
             prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b, t_len))
+        if noise is not None and prior_noise is not None and generator is not None:
+            raise ValueError("give either noise and prior_noise or generator, not all three (the generator only "
+                             "draws noise)")
         if is_first is not None:
             if not isinstance(is_first, Tensor) or tuple(is_first.shape) != (b, t_len):
                 got = list(is_first.shape) if isinstance(is_first, Tensor) else type(is_first).__name__
@@ -341,6 +346,8 @@ class RSSM(nn.Module):
         actions = self._check_input("actions", actions, self.action_dim, (b, h_len))
         if noise is not None:
             noise = self._check_input("noise", noise, self.stoch, (b, h_len))
+            if generator is not None:
+                raise ValueError("give either noise or generator, not both (the generator only draws noise)")
         if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
             # No gradient needed: the whole horizon in one kernel launch.
             out = imagine_fused(self.config, self.weights(), state.stoch, state.deter, h_len, actions=actions,

@@ -18,8 +18,9 @@ __all__ = ["prior_step", "posterior_step"]
 
 
 def _noise(noise: Tensor | None, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    # Noise is a constant of the step on both backends: no gradient flows into a given noise tensor.
     if noise is not None:
-        return noise
+        return noise.detach()
     device = like.device if generator is None else generator.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
@@ -43,9 +44,11 @@ def prior_step(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One prior step: stoch [B, S], action [B, A], deter [B, D] -> (deter' [B, D], stoch' [B, S], mean, std).
 
-    ``noise`` [B, S] is used for the sample when given; otherwise the kernels draw it from a seed taken from
-    ``generator`` (the reference backend draws it with torch.randn)."""
+    ``noise`` [B, S] is used for the sample when given (as a constant: no gradient flows into it); otherwise the
+    kernels draw it from a seed taken from ``generator`` (the reference backend draws it with torch.randn)."""
     check_generator(generator)
+    if noise is not None and generator is not None:
+        raise ValueError("give either noise or generator, not both (the generator only draws noise)")
     _values(stoch, action, deter)
     if use_triton(stoch):
         from .step_ops import fused_prior_step
@@ -70,6 +73,9 @@ def posterior_step(
 
     Returns (deter', post_stoch, post_mean, post_std, prior_stoch, prior_mean, prior_std, kl [B])."""
     check_generator(generator)
+    if noise is not None and prior_noise is not None and generator is not None:
+        raise ValueError("give either noise and prior_noise or generator, not all three (the generator only draws "
+                         "noise)")
     _values(stoch, action, deter, embed)
     if use_triton(stoch):
         from .step_ops import fused_posterior_step
