@@ -1,7 +1,7 @@
-"""The benchmark harness behind ``python -m fastwm bench``: time the Gaussian and the RSSM cases, print a table per
-suite, write JSON rows.
+"""The benchmark harness behind ``python -m fastwm bench``: time the Gaussian, the RSSM and the imagination /
+planning cases, print a table per suite, write JSON rows.
 
-``--suite gaussian|rssm|all`` picks what runs (default: all for ``bench``; ``demo`` runs the Gaussian suite).
+``--suite gaussian|rssm|rollout|all`` picks what runs (default: all for ``bench``; ``demo`` runs the Gaussian suite).
 
 * gaussian: each row times one case of :mod:`fastwm.benchmarks.bench_gaussian` and reports its bandwidth against the
   device's copy bandwidth measured in the same run (``frac_copy_bw``, the goal metric: fastwm should reach at least
@@ -9,6 +9,15 @@ suite, write JSON rows.
 * rssm: each row times one case of :mod:`fastwm.benchmarks.bench_rssm` (img_step, obs_step, observe; fwd and fwd_bwd;
   eager, compiled, graphed, fastwm) and reports microseconds per sequential step, row-steps per second, matrix TFLOP/s
   and speedups against the eager and the graphed providers of the same run. Rows go to ``DIR/bench_rssm.json``.
+* rollout: each row times one case of :mod:`fastwm.benchmarks.bench_rollout`: open-loop imagination of N starts over
+  H steps (``rssm_imagine``; ``rssm_imagine_return`` scores it with a reward MLP and returns only the sum) for
+  N in 1,000 / 2,500 / 10,000 / 16,384 and H in 15 / 50 (eager, compiled, graphed, fastwm), and one CEM decision at
+  PlaNet's settings for 1 and 16 beliefs (``cem_decision``; eager, fastwm). Rows report imagined row-steps per second,
+  matrix TFLOP/s, the fraction of the compute floor (``frac_floor``: row-steps per second over the device's peak
+  matrix throughput / FLOPs per row-step) and speedups against eager and against the best of compiled / graphed (the
+  goal: at least 20x eager and 3x the best of compiled / graphed, at half the floor or better). Rows go to
+  ``DIR/bench_rollout.json``; a plot of row-steps per second against N to ``DIR/rollout_throughput.png`` (needs
+  matplotlib; skipped with a note without it).
 
 Timing uses ``triton.testing.do_bench`` on cuda (median, 20th and 80th percentiles, L2 flushed between calls) and a
 ``time.perf_counter`` loop on the CPU.
@@ -35,7 +44,7 @@ from typing import Any
 
 import torch
 
-from . import bench_rssm
+from . import bench_rollout, bench_rssm
 from .bench_gaussian import (
     DTYPES,
     MODES,
@@ -49,9 +58,11 @@ from .bench_gaussian import (
 
 __all__ = ["add_arguments", "copy_bandwidth_gbps", "run_from_args", "time_fn"]
 
-SUITES = ("gaussian", "rssm", "all")
+SUITES = ("gaussian", "rssm", "rollout", "all")
 JSON_NAME = "bench_gaussian.json"
 RSSM_JSON_NAME = "bench_rssm.json"
+ROLLOUT_JSON_NAME = "bench_rollout.json"
+ROLLOUT_PLOT_NAME = "rollout_throughput.png"
 FULL_ROWS = (1024, 65536, 1048576)
 FULL_SIZES = (30, 32, 1024)
 QUICK_ROWS = (256, 1024)
@@ -59,6 +70,10 @@ QUICK_SIZES = (30, 32)
 MAX_INPUT_BYTES = 8 * 2**30  # cases whose inputs exceed this are skipped
 GOAL_FRAC_COPY_BW = 0.8
 RSSM_MIN_REPS = 10  # on cuda, do_bench's repetition time is stretched so that even slow RSSM cases get this many calls
+_ROLLOUT_MODES = ("fwd",)  # imagination and planning run without gradients
+GOAL_VS_EAGER = 20.0  # rollout goal: fastwm at least 20x eager,
+GOAL_VS_BEST_BASELINE = 3.0  # 3x the best of compiled / graphed,
+GOAL_FRAC_FLOOR = 0.5  # and at half the compute floor or better
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 Timing = tuple[float, float, float]  # (median, p20, p80) in milliseconds
@@ -76,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--suite",
         default=None,
         choices=SUITES,
-        help="which benchmarks run: gaussian (DIR/bench_gaussian.json), rssm (DIR/bench_rssm.json) or all "
+        help="which benchmarks run: gaussian (DIR/bench_gaussian.json), rssm (DIR/bench_rssm.json), rollout "
+        "(imagination and CEM planning: DIR/bench_rollout.json and DIR/rollout_throughput.png) or all "
         "(default: all; the demo command runs gaussian)",
     )
     parser.add_argument(
@@ -87,24 +103,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default=None,
         help=f"comma list of {', '.join(DTYPES)} (or fp32, bf16, fp16) (default: float32 for gaussian; "
-        "float32,bfloat16 for rssm on cuda, float32 on cpu)",
+        "float32,bfloat16 for rssm and rollout on cuda, float32 on cpu)",
     )
     parser.add_argument(
         "--providers",
         default=None,
-        help=f"comma list of {', '.join(dict.fromkeys((*PROVIDERS, *bench_rssm.PROVIDERS)))} (graphed: rssm only) "
+        help=f"comma list of {', '.join(dict.fromkeys((*PROVIDERS, *bench_rssm.PROVIDERS)))} "
+        "(graphed: rssm and rollout only; cem_decision runs eager and fastwm) "
         "(default: all; compiled is left out on cpu unless named here)",
     )
     parser.add_argument(
         "--ops",
         default=None,
-        help=f"comma list of {', '.join(OPS)} (gaussian) and {', '.join(bench_rssm.BENCHMARKS)} (rssm) (default: all)",
+        help=f"comma list of {', '.join(OPS)} (gaussian), {', '.join(bench_rssm.BENCHMARKS)} (rssm) and "
+        f"{', '.join(bench_rollout.BENCHMARKS)} (rollout; or by their row names rssm_imagine, "
+        "rssm_imagine_return) "
+        "(default: all)",
     )
     parser.add_argument(
         "--modes",
         default=None,
         help=f"comma list of {', '.join(MODES)} (gaussian) and {', '.join(bench_rssm.MODES)} (rssm); "
-        "forward = fwd and full = fwd_bwd name the same mode in either suite (default: all)",
+        "forward = fwd and full = fwd_bwd name the same mode in either suite; rollout has fwd only "
+        "(default: all)",
     )
     parser.add_argument(
         "--rows",
@@ -120,26 +141,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rssm-sizes",
         default=None,
-        help=f"rssm: comma list of {', '.join(bench_rssm.SIZES)} (default: all; "
+        help=f"rssm and rollout: comma list of {', '.join(bench_rssm.SIZES)} (default: all; "
         "planet: deter 200, stoch 30, hidden 200, GRU, B x T 50 x 50; dreamerv3: 512 / 32 / 512, LayerNorm GRU, "
-        "16 x 64; both action 6, embed 1024; quick: tiny versions, B x T 4 x 4)",
+        "16 x 64; both action 6, embed 1024; quick: tiny versions, B x T 4 x 4; rollout's cem_decision runs at "
+        "planet only)",
     )
     parser.add_argument("--B", type=int, default=None, help="rssm: batch rows B of every size (default: the size's)")
     parser.add_argument(
         "--T", type=int, default=None, help="rssm: sequence length T of observe for every size (default: the size's)"
     )
     parser.add_argument(
+        "--N",
+        dest="rollout_n",
+        default=None,
+        help="rollout: comma list of imagination starts N (default: 1000,2500,10000,16384; quick: 64,256)",
+    )
+    parser.add_argument(
+        "--H",
+        dest="rollout_h",
+        default=None,
+        help="rollout: comma list of imagination horizons H (default: 15,50; quick: 5)",
+    )
+    parser.add_argument(
+        "--cem-beliefs",
+        default=None,
+        help="rollout: comma list of belief counts B of cem_decision (default: 1,16); each is planned at PlaNet's "
+        "settings: horizon 12, 1000 candidates, top 100, 10 iterations (quick: 5, 100, 10, 3)",
+    )
+    parser.add_argument(
         "--compile-mode",
         default=None,
-        help="rssm: comma list of torch.compile modes for the compiled provider: "
+        help="rssm and rollout: comma list of torch.compile modes for the compiled provider: "
         f"{', '.join(bench_rssm.COMPILE_MODES)} (default: max-autotune-no-cudagraphs; "
         "the cpu always compiles in the default mode)",
     )
     parser.add_argument(
         "--tf32",
         action="store_true",
-        help="rssm: let float32 matrix products of the PyTorch providers use TF32 "
-        "(torch.set_float32_matmul_precision('high'); rows record the precision)",
+        help="rssm and rollout: let float32 matrix products use TF32 "
+        "(torch.set_float32_matmul_precision('high'), which fastwm's kernels follow too; rows record the precision)",
     )
 
 
@@ -413,8 +453,26 @@ def _progress(message: str) -> None:
 _MODE_ALIASES = {
     "gaussian": {"fwd": "forward", "fwd_bwd": "full"},
     "rssm": {"forward": "fwd", "full": "fwd_bwd"},
+    "rollout": {"forward": "fwd"},
 }
-_OP_ALIASES = {"rssm": {f"rssm_{b}": b for b in bench_rssm.BENCHMARKS}}
+_OP_ALIASES = {
+    "rssm": {f"rssm_{b}": b for b in bench_rssm.BENCHMARKS},
+    "rollout": {row: b for b, row in bench_rollout.ROW_NAMES.items()} | {"cem": "cem_decision"},
+}
+
+
+@dataclass
+class _RolloutPlan:
+    dtype_names: list[str]
+    providers: list[str] | None  # None: the default set
+    benchmarks: list[str]
+    sizes: list[bench_rssm.RSSMSize]
+    ns: list[int]
+    hs: list[int]
+    cem: list[bench_rollout.CEMSettings]
+    reward_hidden: int
+    compile_modes: list[str]
+    tf32: bool
 
 
 @dataclass
@@ -440,15 +498,15 @@ class _RSSMPlan:
 
 def _plans(
     args: argparse.Namespace, device: torch.device, quick: bool
-) -> tuple[_GaussianPlan | None, _RSSMPlan | None, list[str]]:
+) -> tuple[_GaussianPlan | None, _RSSMPlan | None, _RolloutPlan | None, list[str]]:
     """The suites to run and their cases, from ``args``; notes on suites left out. Raises ValueError on bad args."""
     suite = getattr(args, "suite", None) or ("gaussian" if getattr(args, "command", None) == "demo" else "all")
     if suite not in SUITES:
         raise ValueError(f"--suite takes one of {', '.join(SUITES)}; got {suite!r}")
-    suites = ("gaussian", "rssm") if suite == "all" else (suite,)
-    vocab_ops = {"gaussian": OPS, "rssm": bench_rssm.BENCHMARKS}
-    vocab_providers = {"gaussian": PROVIDERS, "rssm": bench_rssm.PROVIDERS}
-    vocab_modes = {"gaussian": MODES, "rssm": bench_rssm.MODES}
+    suites = ("gaussian", "rssm", "rollout") if suite == "all" else (suite,)
+    vocab_ops = {"gaussian": OPS, "rssm": bench_rssm.BENCHMARKS, "rollout": bench_rollout.BENCHMARKS}
+    vocab_providers = {"gaussian": PROVIDERS, "rssm": bench_rssm.PROVIDERS, "rollout": bench_rollout.PROVIDERS}
+    vocab_modes = {"gaussian": MODES, "rssm": bench_rssm.MODES, "rollout": _ROLLOUT_MODES}
     ops = _split_names(getattr(args, "ops", None), {k: vocab_ops[k] for k in suites}, "ops", _OP_ALIASES)
     providers = _split_names(getattr(args, "providers", None), {k: vocab_providers[k] for k in suites}, "providers")
     modes = _split_names(getattr(args, "modes", None), {k: vocab_modes[k] for k in suites}, "modes", _MODE_ALIASES)
@@ -493,7 +551,29 @@ def _plans(
             compile_modes=compile_modes or ["max-autotune-no-cudagraphs"],
             tf32=bool(getattr(args, "tf32", False)),
         )
-    return gaussian, rssm, notes
+    rollout = None
+    if runs.get("rollout"):
+        size_names = _names(getattr(args, "rssm_sizes", None), tuple(bench_rssm.SIZES), "rssm-sizes")
+        compile_modes = _names(getattr(args, "compile_mode", None), bench_rssm.COMPILE_MODES, "compile-mode")
+        default_dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
+        beliefs = _ints(
+            getattr(args, "cem_beliefs", None),
+            bench_rollout.QUICK_BELIEFS if quick else bench_rollout.FULL_BELIEFS,
+            "cem-beliefs",
+        )
+        rollout = _RolloutPlan(
+            dtype_names=dtype_names or default_dtypes,
+            providers=providers["rollout"],
+            benchmarks=ops["rollout"] or list(bench_rollout.BENCHMARKS),
+            sizes=[bench_rssm.size_for(n, quick) for n in (size_names or list(bench_rssm.SIZES))],
+            ns=_ints(getattr(args, "rollout_n", None), bench_rollout.QUICK_N if quick else bench_rollout.FULL_N, "N"),
+            hs=_ints(getattr(args, "rollout_h", None), bench_rollout.QUICK_H if quick else bench_rollout.FULL_H, "H"),
+            cem=[bench_rollout.cem_settings(b, quick) for b in beliefs],
+            reward_hidden=bench_rollout.reward_hidden_for(quick),
+            compile_modes=compile_modes or ["max-autotune-no-cudagraphs"],
+            tf32=bool(getattr(args, "tf32", False)),
+        )
+    return gaussian, rssm, rollout, notes
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -504,7 +584,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda, but torch.cuda.is_available() is False")
         quick = bool(args.quick) or device.type == "cpu"
-        gaussian, rssm, suite_notes = _plans(args, device, quick)
+        gaussian, rssm, rollout, suite_notes = _plans(args, device, quick)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -527,6 +607,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         if gaussian is not None:
             print()
         status = max(status, _run_rssm(rssm, args.out, device, quick, meta))
+    if rollout is not None:
+        if gaussian is not None or rssm is not None:
+            print()
+        status = max(status, _run_rollout(rollout, args.out, device, quick, meta))
     return status
 
 
@@ -751,6 +835,16 @@ def _rssm_summary(rows: list[dict[str, Any]]) -> str | None:
     return f"fastwm faster than every baseline measured (eager, compiled, graphed): {met} of {len(fused)} fastwm rows"
 
 
+def _note_unavailable(providers: Sequence[str], unavailable: Callable[..., str | None], device: torch.device,
+                      dtype: torch.dtype, dtype_name: str, seen: set[tuple[str, str]], notes: list[str]) -> None:
+    """One note per (provider, reason) for the providers that cannot run at this dtype on this device."""
+    for provider in providers:
+        reason = unavailable(provider, device, dtype)
+        if reason is not None and (provider, reason) not in seen:
+            seen.add((provider, reason))
+            notes.append(f"{provider} skipped ({dtype_name}): {reason}")
+
+
 def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any]) -> int:
     """The RSSM suite: table, notes and DIR/bench_rssm.json; 0, or 1 when a case failed."""
     notes: list[str] = []
@@ -773,11 +867,7 @@ def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, met
     try:
         for dtype_name in plan.dtype_names:
             dtype = DTYPES[dtype_name]
-            for provider in providers:
-                reason = bench_rssm.provider_unavailable(provider, device, dtype)
-                if reason is not None and (provider, reason) not in skipped_reasons:
-                    skipped_reasons.add((provider, reason))
-                    notes.append(f"{provider} skipped ({dtype_name}): {reason}")
+            _note_unavailable(providers, bench_rssm.provider_unavailable, device, dtype, dtype_name, skipped_reasons, notes)
             runnable = [p for p in providers if bench_rssm.provider_unavailable(p, device, dtype) is None]
             variants = [(p, m) for p in runnable for m in (plan.compile_modes if p == "compiled" else [None])]
             for benchmark in plan.benchmarks:
@@ -872,4 +962,308 @@ def _run_rssm_case(
         "tflops": flop * n_row_steps / seconds / 1e12 if seconds > 0 else None,
         "peak_mem_mb": peak,
         "fp32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The rollout suite: imagination and planning
+# ----------------------------------------------------------------------------------------------------------------------
+
+_ROLLOUT_ROW_KEYS = (
+    "benchmark",
+    "provider",
+    "compile_mode",
+    "size",
+    "N",
+    "H",
+    "beliefs",
+    "candidates",
+    "top_k",
+    "iterations",
+    "deter",
+    "stoch",
+    "hidden",
+    "action",
+    "cell",
+    "act",
+    "norm",
+    "std_mode",
+    "reward_hidden",
+    "dtype",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "row_steps",
+    "row_steps_per_s",
+    "flop_per_row_step",
+    "tflops",
+    "peak_tflops",
+    "floor_row_steps_per_s",
+    "frac_floor",
+    "speedup_vs_eager",
+    "speedup_vs_best_baseline",
+    "peak_mem_mb",
+    "fp32_matmul_precision",
+    "device",
+    "torch",
+    "triton",
+    "commit",
+    "date",
+)
+
+
+def _rollout_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return r["benchmark"], r["size"], r["N"], r["H"], r["beliefs"], r["dtype"]
+
+
+def _rollout_speedups(rows: list[dict[str, Any]]) -> None:
+    """speedup_vs_eager: eager's median over the row's; speedup_vs_best_baseline: the fastest of compiled (any compile
+    mode) and graphed over the row's; None where the baseline did not run in this run."""
+    eager: dict[tuple[Any, ...], float] = {}
+    best: dict[tuple[Any, ...], float] = {}
+    for r in rows:
+        key = _rollout_key(r)
+        if r["provider"] == "eager":
+            eager[key] = r["median_ms"]
+        elif r["provider"] in bench_rollout.BASELINES:
+            best[key] = min(best.get(key, float("inf")), r["median_ms"])
+    for r in rows:
+        key = _rollout_key(r)
+        for table, field in ((eager, "speedup_vs_eager"), (best, "speedup_vs_best_baseline")):
+            b = table.get(key)
+            r[field] = b / r["median_ms"] if b is not None and r["median_ms"] > 0 else None
+
+
+def print_rollout_table(rows: list[dict[str, Any]], device_type: str = "cuda") -> None:
+    """The rollout rows as a fixed-width table on stdout (N x H: starts x horizon; for cem_decision beliefs x
+    candidates and the horizon; %floor: row-steps per second over the compute floor's; vs_best: against the fastest
+    of compiled and graphed)."""
+    header = (
+        f"{'benchmark':<19} {'provider':<11} {'size':<9} {'N x H':>12} {'dtype':<8} {'median_ms':>10} "
+        f"{'p20_ms':>9} {'p80_ms':>9} {'rowstep/s':>9} {'TFLOP/s':>7} {'%floor':>7} {'vs_eager':>8} "
+        f"{'vs_best':>8} {'peak_MB':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        starts = f"{r['beliefs']}x{r['candidates']}" if r["beliefs"] is not None else str(r["N"])
+        frac = None if r["frac_floor"] is None else 100 * r["frac_floor"]
+        print(
+            f"{r['benchmark']:<19} {_provider_label(r, device_type):<11} {r['size']:<9} "
+            f"{starts + 'x' + str(r['H']):>12} {r['dtype']:<8} {r['median_ms']:>10.4f} {r['p20_ms']:>9.4f} "
+            f"{r['p80_ms']:>9.4f} {_fmt(r['row_steps_per_s'], '.3g'):>9} {_fmt(r['tflops'], '.3g'):>7} "
+            f"{_fmt(frac, '.2f'):>6}% {_fmt(r['speedup_vs_eager'], '.3g'):>7}x "
+            f"{_fmt(r['speedup_vs_best_baseline'], '.3g'):>7}x {_fmt(r['peak_mem_mb'], '.1f'):>8}"
+        )
+
+
+def _rollout_summary(rows: list[dict[str, Any]]) -> str | None:
+    """How many fastwm imagination rows reach the goal: >= 20x eager, >= 3x the best of compiled / graphed, at half
+    the compute floor or better (a criterion whose baseline or floor is missing from the run counts as not met)."""
+    fused = [r for r in rows if r["provider"] == "fastwm" and r["benchmark"] != "cem_decision"]
+    if not fused:
+        return None
+    checks = (
+        ("speedup_vs_eager", GOAL_VS_EAGER),
+        ("speedup_vs_best_baseline", GOAL_VS_BEST_BASELINE),
+        ("frac_floor", GOAL_FRAC_FLOOR),
+    )
+    met = sum(int(all(r[f] is not None and r[f] >= goal for f, goal in checks)) for r in fused)
+    missing = {f for r in fused for f, _ in checks if r[f] is None}
+    line = (
+        f"goal (>= {GOAL_VS_EAGER:g}x eager, >= {GOAL_VS_BEST_BASELINE:g}x the best of compiled / graphed, "
+        f">= {GOAL_FRAC_FLOOR:.0%} of the compute floor): met by {met} of {len(fused)} fastwm imagination rows"
+    )
+    if missing:
+        line += f" (not measured in this run for some rows: {', '.join(sorted(missing))})"
+    return line
+
+
+def _rollout_cases(
+    plan: _RolloutPlan, providers: list[str], device: torch.device, dtype: torch.dtype, notes: list[str]
+) -> list[dict[str, Any]]:
+    """The cases of one dtype, in run order: each a dict of build_case / build_cem_case arguments plus its id."""
+    cases: list[dict[str, Any]] = []
+    budget = bench_rollout.memory_budget_bytes(device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    for benchmark in plan.benchmarks:
+        usable = [p for p in providers if bench_rollout.provider_unavailable(p, device, dtype, benchmark) is None]
+        variants = [(p, m) for p in usable for m in (plan.compile_modes if p == "compiled" else [None])]
+        if benchmark == "cem_decision":
+            sizes = [s for s in plan.sizes if s.name in bench_rollout.CEM_SIZES]
+            if not sizes:
+                notes.append(f"cem_decision runs at the {', '.join(bench_rollout.CEM_SIZES)} size only: not asked for")
+            left_out = [
+                p
+                for p in providers
+                if p not in bench_rollout.CEM_PROVIDERS and bench_rollout.provider_unavailable(p, device, dtype) is None
+            ]
+            if left_out:
+                notes.append(
+                    f"cem_decision is timed for {' and '.join(bench_rollout.CEM_PROVIDERS)} only "
+                    f"(not {', '.join(left_out)})"
+                )
+            shapes = [(s, c.rows, c.horizon, c) for s in sizes for c in plan.cem]
+        else:
+            shapes = [(s, n, h, None) for s in plan.sizes for h in plan.hs for n in plan.ns]
+        for size, n, h, cem in shapes:
+            for provider, compile_mode in variants:
+                name = bench_rollout.case_id(benchmark, provider, size, n, h, dtype, compile_mode, cem)
+                need = bench_rollout.footprint_bytes(benchmark, provider, size, n, h, dtype, plan.reward_hidden, cem)
+                if need > budget:
+                    notes.append(
+                        f"{name} skipped: its estimated footprint, {need / 1e9:.1f} GB, passes "
+                        f"{bench_rollout.MEMORY_FRACTION:.0%} of the {device.type} memory ({budget / 1e9:.1f} GB)"
+                    )
+                    continue
+                cases.append(
+                    {
+                        "name": name,
+                        "benchmark": benchmark,
+                        "provider": provider,
+                        "compile_mode": compile_mode,
+                        "size": size,
+                        "n": n,
+                        "h": h,
+                        "cem": cem,
+                        "dtype_name": dtype_name,
+                    }
+                )
+    return cases
+
+
+def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any]) -> int:
+    """The rollout suite: table, notes, DIR/bench_rollout.json and DIR/rollout_throughput.png; 0, or 1 when a case
+    failed."""
+    notes: list[str] = []
+    providers = _default_providers(plan.providers, bench_rollout.PROVIDERS, device, notes)
+    previous_precision = torch.get_float32_matmul_precision()
+    if plan.tf32:
+        torch.set_float32_matmul_precision("high")
+    _progress(
+        f"device {meta['device']} ({device}), rollout sizes {', '.join(s.name for s in plan.sizes)}, "
+        f"N {','.join(map(str, plan.ns))}, H {','.join(map(str, plan.hs))}, quick={quick}, "
+        f"float32 matmul precision {torch.get_float32_matmul_precision()}"
+    )
+    if "cem_decision" in plan.benchmarks:
+        notes.append(
+            "cem_decision: the planner draws its candidates and its imagination noise inside the call "
+            "(torch.randn per step in eager, in-kernel Philox in fastwm); the imagination cases are given their noise"
+        )
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    skipped_reasons: set[tuple[str, str]] = set()
+    try:
+        for dtype_name in plan.dtype_names:
+            dtype = DTYPES[dtype_name]
+            _note_unavailable(providers, bench_rollout.provider_unavailable, device, dtype, dtype_name, skipped_reasons, notes)
+            for case in _rollout_cases(plan, providers, device, dtype, notes):
+                name = case["name"]
+                try:
+                    row = _run_rollout_case(case, plan, dtype, device, quick)
+                except torch.OutOfMemoryError:
+                    notes.append(f"{name} skipped: out of device memory")
+                    row = None
+                except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
+                    failures += 1
+                    notes.append(f"{name} FAILED: {type(exc).__name__}: {exc}")
+                    row = None
+                finally:
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                if row is None:
+                    continue
+                row.update(meta)
+                rows.append(row)
+                _progress(f"{name}: {row['median_ms']:.4f} ms, {row['row_steps_per_s']:.3g} row-steps/s")
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
+
+    _rollout_speedups(rows)
+    rows = [{k: r[k] for k in _ROLLOUT_ROW_KEYS} for r in rows]
+    print_rollout_table(rows, device.type)
+    summary = _rollout_summary(rows)
+    if summary:
+        print(summary)
+    if rows and all(r["frac_floor"] is None for r in rows):
+        notes.append(
+            f"frac_floor not computed: no peak matrix throughput known for {meta['device']} "
+            f"(bench_rollout.PEAK_TFLOPS lists {', '.join(bench_rollout.PEAK_TFLOPS)})"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    plot_path = out / ROLLOUT_PLOT_NAME
+    try:
+        plot_note = bench_rollout.plot_throughput(rows, plot_path)
+    except Exception as exc:  # noqa: BLE001 - a plotting problem must not lose the measurements
+        plot_note = f"plot failed: {type(exc).__name__}: {exc}"
+    if plot_note:
+        notes.append(plot_note)
+    for note in dict.fromkeys(notes):
+        print(f"note: {note}")
+    path = out / ROLLOUT_JSON_NAME
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {len(rows)} rows to {path}")
+    if plot_note is None:
+        print(f"wrote the throughput plot to {plot_path}")
+    return 1 if failures else 0
+
+
+def _run_rollout_case(
+    case: dict[str, Any], plan: _RolloutPlan, dtype: torch.dtype, device: torch.device, quick: bool
+) -> dict[str, Any]:
+    """Build (the graphed provider captures here), warm up (compiles), measure peak memory and time one rollout case;
+    the row without run-wide fields."""
+    benchmark, provider, size, cem = case["benchmark"], case["provider"], case["size"], case["cem"]
+    if benchmark == "cem_decision":
+        built = bench_rollout.build_cem_case(provider, size, cem, dtype, device, reward_hidden=plan.reward_hidden)
+    else:
+        kwargs = {} if case["compile_mode"] is None else {"compile_mode": case["compile_mode"]}
+        built = bench_rollout.build_case(
+            benchmark, provider, size, case["n"], case["h"], dtype, device, reward_hidden=plan.reward_hidden, **kwargs
+        )
+    built.fn()
+    _sync(device)
+    peak = built.peak_mem_mb if built.peak_mem_mb is not None else _peak_mem_mb(built.fn, device)
+    median, p20, p80 = time_fn(built.fn, device, quick, min_reps=RSSM_MIN_REPS)
+    n_row_steps = bench_rollout.row_steps(benchmark, built.n, built.horizon, cem)
+    flop = bench_rollout.flop_per_row_step(size, benchmark, plan.reward_hidden)
+    precision = torch.get_float32_matmul_precision()
+    peak_tflops = bench_rollout.peak_tflops(_device_name(device) if device.type == "cuda" else None, dtype, precision)
+    floor = bench_rollout.floor_row_steps_per_s(flop, peak_tflops)
+    seconds = median * 1e-3
+    rate = n_row_steps / seconds if seconds > 0 else None
+    return {
+        "benchmark": bench_rollout.ROW_NAMES[benchmark],
+        "provider": provider,
+        "compile_mode": built.compile_mode,
+        "size": size.name,
+        "N": built.n,
+        "H": built.horizon,
+        "beliefs": None if cem is None else cem.beliefs,
+        "candidates": None if cem is None else cem.candidates,
+        "top_k": None if cem is None else cem.top_k,
+        "iterations": None if cem is None else cem.iterations,
+        "deter": size.deter,
+        "stoch": size.stoch,
+        "hidden": size.hidden,
+        "action": size.action,
+        "cell": size.cell,
+        "act": size.act,
+        "norm": size.norm,
+        "std_mode": size.std_mode,
+        "reward_hidden": built.reward_hidden,
+        "dtype": str(dtype).removeprefix("torch."),
+        "median_ms": median,
+        "p20_ms": p20,
+        "p80_ms": p80,
+        "row_steps": n_row_steps,
+        "row_steps_per_s": rate,
+        "flop_per_row_step": flop,
+        "tflops": flop * rate / 1e12 if rate is not None else None,
+        "peak_tflops": peak_tflops,
+        "floor_row_steps_per_s": floor,
+        "frac_floor": rate / floor if rate is not None and floor is not None else None,
+        "peak_mem_mb": peak,
+        "fp32_matmul_precision": precision,
     }
