@@ -26,6 +26,7 @@ from .rssm import (
     BLOCK_N,
     NUM_WARPS,
     _block_s,
+    _load_seeds,
     _prec,
     _step_bwd_body,
     _step_fwd_body,
@@ -95,12 +96,7 @@ def _observe_fwd_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = rows < B
     HAS_D: tl.constexpr = CELL != 2
-    q_seed = 0
-    if NOISE_Q == 2:
-        q_seed = tl.load(seed_ptr)
-    p_seed = 0
-    if NOISE_P == 2:
-        p_seed = tl.load(seed_ptr + 1)
+    q_seed, p_seed = _load_seeds(seed_ptr, NOISE_Q, NOISE_P, True)
     for t in range(0, T):
         keep = _keep_of(first_ptr + t * B, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
         if t == 0:
@@ -151,12 +147,7 @@ def _observe_bwd_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = rows < B
     HAS_D: tl.constexpr = CELL != 2
-    q_seed = 0
-    if NOISE_Q == 2:
-        q_seed = tl.load(seed_ptr)
-    p_seed = 0
-    if NOISE_P == 2:
-        p_seed = tl.load(seed_ptr + 1)
+    q_seed, p_seed = _load_seeds(seed_ptr, NOISE_Q, NOISE_P, True)
     for i in range(0, T):
         t = T - 1 - i
         # the gradient reaching step t's outputs (deter, post stoch): upstream, plus what step t + 1 sends back

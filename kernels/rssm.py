@@ -537,6 +537,22 @@ def _step_fwd_body(
 
 
 @triton.jit
+def _load_seeds(seed_ptr, NOISE_Q: tl.constexpr, NOISE_P: tl.constexpr, POST: tl.constexpr):
+    # (posterior seed, prior seed) from the int64 seeds [2]: seed[0] for the posterior's sample (or a prior step's),
+    # seed[1] for a posterior step's prior sample; 0 where that noise is given (NOISE 1).
+    q_seed = tl.full([], 0, tl.int64)
+    p_seed = tl.full([], 0, tl.int64)
+    if NOISE_Q == 2:
+        q_seed = tl.load(seed_ptr)
+    if NOISE_P == 2:
+        if POST:
+            p_seed = tl.load(seed_ptr + 1)
+        else:
+            p_seed = tl.load(seed_ptr)
+    return q_seed, p_seed
+
+
+@triton.jit
 def _step_fwd_kernel(
     z_ptr, a_ptr, h_ptr, e_ptr,  # [B, S], [B, A], [B, D], [B, E] (X) inputs; e only with POST
     nq_ptr, np_ptr, seed_ptr,  # noise [B, S] (X) of the posterior and the prior sample, seeds [2] int64
@@ -555,15 +571,7 @@ def _step_fwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    q_seed = 0
-    p_seed = 0
-    if NOISE_Q == 2:
-        q_seed = tl.load(seed_ptr)
-    if NOISE_P == 2:
-        if POST:
-            p_seed = tl.load(seed_ptr + 1)  # the posterior step's prior sample takes the second seed
-        else:
-            p_seed = tl.load(seed_ptr)
+    q_seed, p_seed = _load_seeds(seed_ptr, NOISE_Q, NOISE_P, POST)
     _step_fwd_body(
         z_ptr, a_ptr, h_ptr, e_ptr, nq_ptr, np_ptr, q_seed, p_seed,
         w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
@@ -673,15 +681,7 @@ def _step_bwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    q_seed = 0
-    p_seed = 0
-    if NOISE_Q == 2:
-        q_seed = tl.load(seed_ptr)
-    if NOISE_P == 2:
-        if POST:
-            p_seed = tl.load(seed_ptr + 1)
-        else:
-            p_seed = tl.load(seed_ptr)
+    q_seed, p_seed = _load_seeds(seed_ptr, NOISE_Q, NOISE_P, POST)
     _step_bwd_body(
         z_ptr, a_ptr, h_ptr, e_ptr, nq_ptr, np_ptr, q_seed, p_seed,
         w_in, nw_in, nb_in, w_c1, w_c2, nw_c, nb_c, w_p1, nw_p1, nb_p1, w_p2, w_q1, nw_q1, nb_q1, w_q2,
