@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from .step_ops import _ACT_IDS, _CELL_IDS, _STD_IDS
 
 __all__ = ["PackedMLP", "pack_mlp", "imagine_fused", "RolloutOutput"]
 
@@ -104,11 +105,6 @@ class RolloutOutput(NamedTuple):
     ret: Tensor | None
     final_deter: Tensor
     final_stoch: Tensor
-
-
-_CELL_IDS = {"gru": 0, "layernorm_gru": 1, "none": 2}
-_ACT_IDS = {"elu": 0, "silu": 1}
-_STD_IDS = {name: i for i, name in enumerate(reference.STD_MODES)}
 
 
 @torch.no_grad()

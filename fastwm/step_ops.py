@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .gaussian import _STD_MODE_IDS
 
 __all__ = ["fused_prior_step", "fused_posterior_step", "fused_gru_cell", "fused_layernorm_gru_cell"]
 
@@ -26,7 +27,7 @@ def _kernels():
 
 _CELL_IDS = {"gru": 0, "layernorm_gru": 1, "none": 2}
 _ACT_IDS = {"elu": 0, "silu": 1}
-_STD_IDS = {name: i for i, name in enumerate(reference.STD_MODES)}
+_STD_IDS = _STD_MODE_IDS  # the kernels' STD_MODE constexpr, as for the Gaussian ops
 _UPDATE_BIAS = -1.0
 _N_OUT = 8  # deter', prior (z, mean, std), posterior (z, mean, std), kl
 _N_SAVED = 13
