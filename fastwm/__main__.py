@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastwm demo`` (the main job) and ``python -m fastwm bench`` (the benchmarks)."""
+"""Command line: ``python -m fastwm demo`` (the main job: a world model trained on a gymnasium environment, then
+used to imagine and plan) and ``python -m fastwm bench`` (the benchmarks)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastwm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job (until the world-model demo lands: the Gaussian benchmark)")
+    demo = sub.add_parser("demo", help="the main job: train a world model on a gymnasium environment, imagine, plan",
+                          description="Train a world model on a gymnasium environment, then imagine and plan with "
+                                      "it; writes DIR/metrics.json, DIR/*.png and DIR/checkpoint.pt.")
     bench = sub.add_parser("bench", help="the benchmark suite: a table on stdout and JSON rows")
-    for p in (demo, bench):
-        from .benchmarks.harness import add_arguments
+    from .benchmarks.harness import add_arguments as bench_arguments
+    from .demo import add_arguments as demo_arguments
 
-        add_arguments(p)
+    demo_arguments(demo)
+    bench_arguments(bench)
     args = parser.parse_args(argv)
-    from .benchmarks.harness import run_from_args
-
+    if args.command == "demo":
+        from .demo import run_from_args
+    else:
+        from .benchmarks.harness import run_from_args
     return run_from_args(args)
 
 
