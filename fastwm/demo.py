@@ -64,6 +64,7 @@ class DemoConfig:
     hidden: int = 64
     embed: int = 64
     cell: str = "gru"
+    depth: int = 32
     free_nats: float = 3.0
     # training
     steps: int = 900
@@ -92,7 +93,7 @@ class DemoConfig:
 QUICK = dict(episodes=3, eval_episodes=1, episode_steps=40, steps=6, batch=4, length=8, checkpoint_every=4,
              imagine_rows=64, imagine_horizon=4, openloop_context=3, openloop_horizon=6, plan_episodes=1,
              random_episodes=2, horizon=4, candidates=16, iterations=2, top_k=4, deter=16, stoch=4, hidden=16,
-             embed=16)
+             embed=16, depth=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -503,8 +504,10 @@ def _say(msg: str) -> None:
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo end to end and return the metrics (also written to ``cfg.out``/metrics.json)."""
     if cfg.quick:
+        defaults = DemoConfig()
         for k, v in QUICK.items():
-            setattr(cfg, k, v)
+            if getattr(cfg, k) == getattr(defaults, k):  # flags given explicitly win over --quick
+                setattr(cfg, k, v)
     _check_config(cfg)
     t_start = time.perf_counter()
     out = Path(cfg.out)
@@ -512,7 +515,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    # One stream per phase, so a resumed run evaluates on the same episodes as an uninterrupted one.
+    rng_data, rng_eval, rng_random = (np.random.default_rng([cfg.seed, i]) for i in range(3))
     # On the CPU the eager reference runs (the Triton interpreter is for tests, far too slow here); on a GPU, the
     # fused kernels.
     be = "auto" if device.type == "cuda" else "reference"
@@ -534,12 +538,12 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         data = Dataset.load(data_path)
         _say(f"[1/4] data: {len(data)} steps loaded from {data_path}")
     else:
-        eps = [run_episode(env, next(seeds), random_actor(rng, env.action_dim)) for _ in range(cfg.episodes)]
+        eps = [run_episode(env, next(seeds), random_actor(rng_data, env.action_dim)) for _ in range(cfg.episodes)]
         data = Dataset(eps)
         data.save(data_path)
         _say(f"[1/4] data: {cfg.episodes} random episodes, {len(data)} steps (action repeat {cfg.action_repeat}), "
              f"mean return {np.mean([e.ret for e in eps]):.1f}")
-    held_out = [run_episode(env, 10**7 + cfg.seed * 1000 + i, random_actor(rng, env.action_dim))
+    held_out = [run_episode(env, 10**7 + cfg.seed * 1000 + i, random_actor(rng_eval, env.action_dim))
                 for i in range(cfg.eval_episodes)]
     timings["data_s"] = time.perf_counter() - t0
     if len(data) < cfg.length:
@@ -548,7 +552,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     # 2. Training -----------------------------------------------------------------------------------------------------
     model = WorldModel(env.obs_shape, env.action_dim, embed=cfg.embed, deter=cfg.deter, stoch=cfg.stoch,
-                       hidden=cfg.hidden, cell=cfg.cell, free_nats=cfg.free_nats)
+                       hidden=cfg.hidden, cell=cfg.cell, depth=cfg.depth, free_nats=cfg.free_nats)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
     history, start = History(), 0
     if resume:
@@ -562,6 +566,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         history = History(**ck["history"])
         start = int(ck["step"])
         gen.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        if device.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
         _say(f"[2/4] resuming from {ckpt_path} at update {start}")
     else:
         model.set_normalizer(torch.as_tensor(data.obs), torch.as_tensor(data.reward))
@@ -571,6 +578,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     def save(step: int) -> None:
         torch.save({"step": step, "model": model.state_dict(), "model_config": model.config,
                     "optimizer": opt.state_dict(), "history": asdict(history), "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "demo_config": asdict(cfg)}, ckpt_path)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -614,7 +623,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     with use_backend(be):
         plan_returns = [run_episode(env, s, actor).ret for s in eval_seeds[:cfg.plan_episodes]]
     timings["plan_s"] = time.perf_counter() - t0
-    random_returns = [run_episode(env, s, random_actor(rng, env.action_dim)).ret
+    random_returns = [run_episode(env, s, random_actor(rng_random, env.action_dim)).ret
                       for s in eval_seeds[:cfg.random_episodes]]
     env.close()
     plan_return, random_return = float(np.mean(plan_returns)), float(np.mean(random_returns))
@@ -664,7 +673,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _check_config(cfg: DemoConfig) -> None:
-    for name in ("episodes", "eval_episodes", "action_repeat", "deter", "stoch", "hidden", "embed", "steps", "batch",
+    for name in ("episodes", "eval_episodes", "action_repeat", "depth", "deter", "stoch", "hidden", "embed", "steps", "batch",
                  "length", "checkpoint_every", "imagine_rows", "imagine_horizon", "openloop_context",
                  "openloop_horizon", "plan_episodes", "random_episodes", "horizon", "candidates", "iterations",
                  "top_k"):
@@ -681,6 +690,8 @@ def _check_config(cfg: DemoConfig) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive float, got {v!r}")
     if not (math.isfinite(cfg.free_nats) and cfg.free_nats >= 0):
         raise SystemExit(f"--free-nats must be a float >= 0, got {cfg.free_nats!r}")
+    if cfg.cell not in ("gru", "layernorm_gru", "none"):
+        raise SystemExit(f"--cell must be gru, layernorm_gru or none, got {cfg.cell!r}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -707,6 +718,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ("deter", "RSSM deterministic state"), ("stoch", "RSSM stochastic state"),
                         ("hidden", "RSSM and MLP hidden width"), ("embed", "encoder output width (vectors)"),
                         ("cell", "RSSM cell: gru, layernorm_gru or none"),
+                        ("depth", "convolution width of the image encoder and decoder (--pixels)"),
                         ("free_nats", "free nats of the per-step KL"), ("steps", "Adam updates"),
                         ("batch", "sequences per update"), ("length", "steps per sequence"), ("lr", "Adam learning rate"),
                         ("grad_clip", "gradient-norm clip"), ("checkpoint_every", "updates between checkpoints")):
