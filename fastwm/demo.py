@@ -74,6 +74,9 @@ class DemoConfig:
     grad_clip: float = 100.0
     checkpoint_every: int = 250
     resume: bool = False
+    collect_rounds: int = 2
+    collect_episodes: int = 2
+    explore_noise: float = 0.3
     # imagination and planning
     imagine_rows: int = 1000
     imagine_horizon: int = 15
@@ -93,7 +96,7 @@ class DemoConfig:
 QUICK = dict(episodes=3, eval_episodes=1, episode_steps=40, steps=6, batch=4, length=8, checkpoint_every=4,
              imagine_rows=64, imagine_horizon=4, openloop_context=3, openloop_horizon=6, plan_episodes=1,
              random_episodes=2, horizon=4, candidates=16, iterations=2, top_k=4, deter=16, stoch=4, hidden=16,
-             embed=16, depth=4)
+             embed=16, depth=4, collect_rounds=1, collect_episodes=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,6 +216,17 @@ class Dataset:
             f[0] = True
         self.is_first = np.concatenate(firsts)
 
+    def extend(self, episodes: list[Episode]) -> None:
+        """Append episodes to the stream."""
+        more = Dataset(episodes)
+        for k in ("obs", "action", "reward", "is_first"):
+            setattr(self, k, np.concatenate([getattr(self, k), getattr(more, k)]))
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` steps (what a checkpoint saw)."""
+        for k in ("obs", "action", "reward", "is_first"):
+            setattr(self, k, getattr(self, k)[:n])
+
     def __len__(self) -> int:
         return len(self.reward)
 
@@ -256,6 +270,7 @@ class History:
     elbo: list[float] = field(default_factory=list)
     recon: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
+    collected_at: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -269,8 +284,9 @@ def _progress(total: int, initial: int, enabled: bool | None) -> Any:
 
 
 def train(model: WorldModel, opt: torch.optim.Optimizer, data: dict[str, Tensor], cfg: DemoConfig, start: int,
-          history: History, generator: torch.Generator, save: Callable[[int], None]) -> None:
-    """Adam updates ``start`` .. ``cfg.steps`` on random windows, checkpointing every ``cfg.checkpoint_every``."""
+          end: int, history: History, generator: torch.Generator, save: Callable[[int], None]) -> None:
+    """Adam updates ``start`` .. ``end`` on random windows, checkpointing every ``cfg.checkpoint_every`` and at
+    ``end``."""
     params = [p for p in model.parameters() if p.requires_grad]
     pending: list[tuple[int, Tensor]] = []
     t0 = time.perf_counter()
@@ -287,7 +303,7 @@ def train(model: WorldModel, opt: torch.optim.Optimizer, data: dict[str, Tensor]
         pending.clear()
 
     with _progress(cfg.steps, start, cfg.progress) as bar:
-        for step in range(start, cfg.steps):
+        for step in range(start, end):
             batch = sample_batch(data, cfg.batch, cfg.length, generator)
             out = model.loss(batch["obs"], batch["action"], batch["reward"], batch["is_first"])
             opt.zero_grad(set_to_none=True)
@@ -297,12 +313,12 @@ def train(model: WorldModel, opt: torch.optim.Optimizer, data: dict[str, Tensor]
             t = out.terms
             pending.append((step + 1, torch.stack([(t.recon - t.kl_raw).detach(), t.recon.detach(),
                                                     t.kl_raw.detach()]).float()))
-            if len(pending) >= 10 or step + 1 == cfg.steps:
+            if len(pending) >= 10 or step + 1 == end:
                 flush()
                 bar.set_postfix(elbo=f"{history.elbo[-1]:.2f}", kl=f"{history.kl[-1]:.2f}",
                                 recon=f"{history.recon[-1]:.2f}", refresh=False)
             bar.update(1)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
                 flush()
                 history.seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -370,10 +386,13 @@ def open_loop(model: WorldModel, ep: Episode, context: int, horizon: int, device
 
 
 class PlannerActor:
-    """Acts in the real environment: filter the observation into the belief, then plan with CEM from it."""
+    """Acts in the real environment: filter the observation into the belief, then plan with CEM from it; with
+    ``noise`` > 0, Gaussian exploration noise is added to the planned action (PlaNet's data collection)."""
 
-    def __init__(self, model: WorldModel, planner: CEMPlanner, device: torch.device) -> None:
+    def __init__(self, model: WorldModel, planner: CEMPlanner, device: torch.device, noise: float = 0.0,
+                 rng: np.random.Generator | None = None) -> None:
         self.model, self.planner, self.device = model, planner, device
+        self.noise, self.rng = noise, rng
         self.state: State | None = None
 
     @torch.no_grad()
@@ -387,7 +406,17 @@ class PlannerActor:
         a = torch.as_tensor(prev, device=self.device)[None]
         post, _ = rssm.obs_step(self.state, a, self.model.embed(o))
         self.state = post
-        return self.planner(post)[0].cpu().numpy()
+        action = self.planner(post)[0].float().cpu().numpy()
+        if self.noise > 0 and self.rng is not None:
+            action = np.clip(action + self.noise * self.rng.standard_normal(action.shape), -1.0, 1.0)
+        return action
+
+
+def make_planner(model: WorldModel, cfg: DemoConfig, device: torch.device, seed: int) -> CEMPlanner:
+    """The CEM planner of the demo's settings, on the model's RSSM and reward head, with its own generator."""
+    return CEMPlanner(model.rssm, model.reward, horizon=cfg.horizon, candidates=cfg.candidates,
+                      iterations=cfg.iterations, top_k=cfg.top_k,
+                      generator=torch.Generator(device=device).manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -417,9 +446,13 @@ def plot_training(history: History, path: Path, title: str) -> None:
             k = max(len(y) // 30, 5)
             smooth = np.convolve(y, np.ones(k) / k, mode="valid")
             ax.plot(history.step[k - 1:], smooth, lw=1.6, color="C0")
+        for j, x in enumerate(history.collected_at):
+            ax.axvline(x, color="C3", lw=0.8, ls=":", label="planner episodes added" if j == 0 else None)
         ax.set_xlabel("update")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
+    if history.collected_at:
+        axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -574,22 +607,51 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         model.set_normalizer(torch.as_tensor(data.obs), torch.as_tensor(data.reward))
         model.to(device)
     tensors = data.tensors(device)
+    rounds_done = int(ck.get("rounds_done", 0)) if resume else 0
+    if resume:
+        data.truncate(int(ck.get("data_len", len(data))))
+        tensors = data.tensors(device)
 
     def save(step: int) -> None:
         torch.save({"step": step, "model": model.state_dict(), "model_config": model.config,
                     "optimizer": opt.state_dict(), "history": asdict(history), "generator": gen.get_state(),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "demo_config": asdict(cfg)}, ckpt_path)
+                    "rounds_done": rounds_done, "data_len": len(data), "demo_config": asdict(cfg)}, ckpt_path)
 
     n_params = sum(p.numel() for p in model.parameters())
+    rounds = cfg.collect_rounds
     _say(f"[2/4] training: {n_params:,} parameters, {cfg.steps - start} Adam updates of {cfg.batch} x {cfg.length} "
-         f"windows, sequence ELBO with {cfg.free_nats} free nats")
+         f"windows, sequence ELBO with {cfg.free_nats} free nats"
+         + (f"; {rounds} x {cfg.collect_episodes} episodes collected by the planner on the way" if rounds else ""))
+    t_collect = 0.0
+    if start >= cfg.steps and rounds_done >= rounds:
+        _say(f"      the checkpoint already has {start} updates (--steps {cfg.steps}): nothing to train")
     with use_backend(be):
-        if start < cfg.steps:
-            train(model, opt, tensors, cfg, start, history, gen, save)
-        else:
-            _say(f"      the checkpoint already has {start} updates (--steps {cfg.steps}): nothing to train")
+        for i in range(rounds + 1):
+            # PlaNet's loop: train, then act in the environment with the planner (plus exploration noise) and add
+            # what it saw to the data; the updates are spread evenly over the rounds.
+            boundary = cfg.steps * (i + 1) // (rounds + 1)
+            if start < boundary:
+                train(model, opt, tensors, cfg, start, boundary, history, gen, save)
+                start = boundary
+            if i < rounds and rounds_done <= i:
+                t1 = time.perf_counter()
+                actor = PlannerActor(model, make_planner(model, cfg, device, seed=1000 + i), device,
+                                     noise=cfg.explore_noise, rng=np.random.default_rng([cfg.seed, 10 + i]))
+                eps = [run_episode(env, 3 * 10**7 + cfg.seed * 1000 + 10 * i + j, actor)
+                       for j in range(cfg.collect_episodes)]
+                data.extend(eps)
+                data.save(data_path)
+                tensors = data.tensors(device)
+                rounds_done = i + 1
+                history.collected_at.append(start)
+                t_collect += time.perf_counter() - t1
+                save(start)
+                _say(f"      round {i + 1}/{rounds}: after {start} updates the planner collected "
+                     f"{cfg.collect_episodes} episodes (return {np.mean([e.ret for e in eps]):.1f}, exploration "
+                     f"noise {cfg.explore_noise}); data: {len(data)} steps")
+    timings["collect_s"] = t_collect
     timings["train_s"] = history.seconds
     k = max(1, min(25, len(history.elbo) // 10))
     elbo_first, elbo_last = float(np.mean(history.elbo[:k])), float(np.mean(history.elbo[-k:]))
@@ -615,10 +677,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     # 4. Planning -----------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    planner = CEMPlanner(model.rssm, model.reward, horizon=cfg.horizon, candidates=cfg.candidates,
-                         iterations=cfg.iterations, top_k=cfg.top_k,
-                         generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    actor = PlannerActor(model, planner, device)
+    actor = PlannerActor(model, make_planner(model, cfg, device, seed=cfg.seed), device)
     eval_seeds = [2 * 10**7 + cfg.seed * 1000 + i for i in range(max(cfg.plan_episodes, cfg.random_episodes))]
     with use_backend(be):
         plan_returns = [run_episode(env, s, actor).ret for s in eval_seeds[:cfg.plan_episodes]]
@@ -640,7 +699,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     timings["total_s"] = time.perf_counter() - t_start
     metrics: dict[str, Any] = {
-        "env": cfg.env, "pixels": cfg.pixels, "steps": max(start, cfg.steps),
+        "env": cfg.env, "pixels": cfg.pixels, "steps": max(start, cfg.steps), "data_steps": len(data),
+        "episodes_random": cfg.episodes, "episodes_planner": rounds_done * cfg.collect_episodes,
         "elbo_first": elbo_first, "elbo_last": elbo_last, "elbo_eval": elbo_eval,
         "plan_return": plan_return, "random_return": random_return,
         "plan_returns": plan_returns, "random_returns": random_returns,
@@ -675,13 +735,17 @@ def _device_name(device: torch.device) -> str:
 def _check_config(cfg: DemoConfig) -> None:
     for name in ("episodes", "eval_episodes", "action_repeat", "depth", "deter", "stoch", "hidden", "embed", "steps", "batch",
                  "length", "checkpoint_every", "imagine_rows", "imagine_horizon", "openloop_context",
-                 "openloop_horizon", "plan_episodes", "random_episodes", "horizon", "candidates", "iterations",
+                 "openloop_horizon", "plan_episodes", "random_episodes", "collect_episodes", "horizon", "candidates", "iterations",
                  "top_k"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive int, got {v!r}")
     if cfg.episode_steps is not None and cfg.episode_steps < 2:
         raise SystemExit(f"--episode-steps must be an int >= 2, got {cfg.episode_steps!r}")
+    if not isinstance(cfg.collect_rounds, int) or cfg.collect_rounds < 0:
+        raise SystemExit(f"--collect-rounds must be an int >= 0, got {cfg.collect_rounds!r}")
+    if not (math.isfinite(cfg.explore_noise) and cfg.explore_noise >= 0):
+        raise SystemExit(f"--explore-noise must be a float >= 0, got {cfg.explore_noise!r}")
     if cfg.top_k > cfg.candidates:
         raise SystemExit(f"--top-k ({cfg.top_k}) must be at most --candidates ({cfg.candidates})")
     for name in ("lr", "grad_clip"):
@@ -721,7 +785,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ("depth", "convolution width of the image encoder and decoder (--pixels)"),
                         ("free_nats", "free nats of the per-step KL"), ("steps", "Adam updates"),
                         ("batch", "sequences per update"), ("length", "steps per sequence"), ("lr", "Adam learning rate"),
-                        ("grad_clip", "gradient-norm clip"), ("checkpoint_every", "updates between checkpoints")):
+                        ("grad_clip", "gradient-norm clip"), ("checkpoint_every", "updates between checkpoints"),
+                        ("collect_rounds", "times training pauses for the planner to collect episodes (0: random "
+                         "data only)"),
+                        ("collect_episodes", "episodes the planner collects each round"),
+                        ("explore_noise", "std of the Gaussian noise added to the planner's actions when collecting")):
         _add(g, name, getattr(d, name), help_)
     g = p.add_argument_group("imagination and planning")
     for name, help_ in (("imagine_rows", "starts for the imagination throughput"),
