@@ -65,7 +65,7 @@ class DemoConfig:
     embed: int = 64
     cell: str = "gru"
     depth: int = 32
-    free_nats: float = 3.0
+    free_nats: float = 1.0
     # training
     steps: int = 900
     batch: int = 32
@@ -88,6 +88,7 @@ class DemoConfig:
     candidates: int = 250
     iterations: int = 5
     top_k: int = 25
+    stochastic_plans: bool = False
     progress: bool | None = None
     quick: bool = False
 
@@ -415,7 +416,7 @@ class PlannerActor:
 def make_planner(model: WorldModel, cfg: DemoConfig, device: torch.device, seed: int) -> CEMPlanner:
     """The CEM planner of the demo's settings, on the model's RSSM and reward head, with its own generator."""
     return CEMPlanner(model.rssm, model.reward, horizon=cfg.horizon, candidates=cfg.candidates,
-                      iterations=cfg.iterations, top_k=cfg.top_k,
+                      iterations=cfg.iterations, top_k=cfg.top_k, stochastic=cfg.stochastic_plans,
                       generator=torch.Generator(device=device).manual_seed(seed))
 
 
@@ -769,6 +770,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto (cuda when present, else cpu), cpu or cuda[:i]")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt and DIR/data.npz")
+    p.add_argument("--stochastic-plans", action="store_true", help="score the planner's candidates on sampled "
+                   "latents (PlaNet) instead of the prior's mean path")
     p.add_argument("--quick", action="store_true", help="a smoke run of every step on a tiny budget (seconds)")
     prog = p.add_mutually_exclusive_group()
     prog.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,

@@ -48,7 +48,7 @@ class _Planner(nn.Module):
 
     def __init__(self, rssm: RSSM, reward: Callable[[Tensor], Tensor], *, horizon: int, samples: int,
                  iterations: int, action_low: float | Tensor, action_high: float | Tensor, init_std: float | None,
-                 min_std: float, warm_start: bool, generator: torch.Generator | None,
+                 min_std: float, warm_start: bool, generator: torch.Generator | None, stochastic: bool = True,
                  samples_name: str = "samples") -> None:
         super().__init__()
         if not isinstance(rssm, RSSM):
@@ -78,6 +78,9 @@ class _Planner(nn.Module):
             raise ValueError(f"min_std must be a float >= 0, got {min_std!r}")
         self.min_std = float(min_std)
         self.warm_start = bool(warm_start)
+        if not isinstance(stochastic, bool):
+            raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
+        self.stochastic = stochastic
         self.generator = generator
         self._plan: Tensor | None = None
 
@@ -101,17 +104,20 @@ class _Planner(nn.Module):
         stoch = state.stoch.repeat_interleave(n, dim=0)
         deter = state.deter.repeat_interleave(n, dim=0)
         flat = actions.reshape(b * n, h, a)
+        # stochastic=False: every candidate is imagined along the prior's mean (zero noise).
+        noise = None if self.stochastic else stoch.new_zeros(b * n, h, rssm.stoch)
+        gen = self.generator if self.stochastic else None
         if use_triton(stoch):
             packed = pack_mlp(self.reward, rssm.feature_dim, 1)
             if packed is not None and packed.layers[0][0].dtype == stoch.dtype:
                 out = imagine_fused(rssm.config, rssm.weights(), stoch, deter, h, actions=flat, reward=packed,
-                                    reward_sum=True, write_state=False, generator=self.generator)
+                                    reward_sum=True, write_state=False, noise=noise, generator=gen)
                 return out.ret.reshape(b, n)
             out = imagine_fused(rssm.config, rssm.weights(), stoch, deter, h, actions=flat, write_state=False,
-                                write_feat=True, generator=self.generator)
+                                write_feat=True, noise=noise, generator=gen)
             feats = out.features
         else:
-            dream = rssm.imagine(flat, State(deter, stoch, stoch, stoch), generator=self.generator)
+            dream = rssm.imagine(flat, State(deter, stoch, stoch, stoch), noise, generator=gen)
             feats = rssm.features(dream)
         r = self.reward(feats)
         if r.dim() == feats.dim() and r.shape[-1] == 1:
@@ -171,6 +177,9 @@ class CEMPlanner(_Planner):
         min_std: a floor on the refitted std.
         warm_start: start from the previous plan shifted by one step.
         generator: a torch.Generator for reproducible plans.
+        stochastic: imagine each candidate with sampled latents (PlaNet); False imagines along the prior's mean
+            (zero noise), which scores candidates more steadily where the dynamics are unstable (a pendulum held
+            upright) and the samples' spread would swamp the differences between action sequences.
 
     Example::
 
@@ -181,10 +190,12 @@ class CEMPlanner(_Planner):
     def __init__(self, rssm: RSSM, reward: Callable[[Tensor], Tensor], *, horizon: int = 12, candidates: int = 1000,
                  iterations: int = 10, top_k: int = 100, action_low: float | Tensor = -1.0,
                  action_high: float | Tensor = 1.0, init_std: float | None = None, min_std: float = 0.0,
-                 warm_start: bool = True, generator: torch.Generator | None = None) -> None:
+                 warm_start: bool = True, generator: torch.Generator | None = None,
+                 stochastic: bool = True) -> None:
         super().__init__(rssm, reward, horizon=horizon, samples=candidates, iterations=iterations,
                          action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
-                         warm_start=warm_start, generator=generator, samples_name="candidates")
+                         warm_start=warm_start, generator=generator, stochastic=stochastic,
+                         samples_name="candidates")
         self.top_k = _positive_int("top_k", top_k)
         if top_k > candidates:
             raise ValueError(f"top_k must be at most candidates ({candidates}), got {top_k}")
@@ -210,10 +221,11 @@ class MPPIPlanner(_Planner):
     def __init__(self, rssm: RSSM, reward: Callable[[Tensor], Tensor], *, horizon: int = 12, samples: int = 1000,
                  iterations: int = 10, temperature: float = 0.5, action_low: float | Tensor = -1.0,
                  action_high: float | Tensor = 1.0, init_std: float | None = None, min_std: float = 0.05,
-                 warm_start: bool = True, generator: torch.Generator | None = None) -> None:
+                 warm_start: bool = True, generator: torch.Generator | None = None,
+                 stochastic: bool = True) -> None:
         super().__init__(rssm, reward, horizon=horizon, samples=samples, iterations=iterations,
                          action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
-                         warm_start=warm_start, generator=generator)
+                         warm_start=warm_start, generator=generator, stochastic=stochastic)
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a positive float, got {temperature!r}")
         self.temperature = float(temperature)

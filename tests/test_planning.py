@@ -89,6 +89,28 @@ def test_fused_returns_equal_reference_returns(device):
         torch.testing.assert_close(got.double(), expected, rtol=1e-9, atol=1e-9, msg=name)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_deterministic_scoring_follows_the_prior_mean(device, backend):
+    # The linear model with a wide prior (std = softplus(0) ~ 0.69): stochastic=False scores each candidate along
+    # the mean path z_{t+1} = a_t exactly; the default samples and does not.
+    m = _linear_model(device)
+    with torch.no_grad():
+        m.prior2.bias[A:].fill_(0.0)
+    torch.manual_seed(5)
+    cand = (torch.rand(2, 16, 3, A, dtype=torch.float64) * 2 - 1).to(device)
+    expected = (cand @ W.to(device)).sum(-1)
+    state = m.initial(2)
+    got = {}
+    for stochastic in (False, True):
+        planner = fastwm.CEMPlanner(m, _reward(device), horizon=3, candidates=16, top_k=4, stochastic=stochastic,
+                                    generator=torch.Generator().manual_seed(0))
+        with fastwm.backend(backend), torch.no_grad():
+            got[stochastic] = planner._returns(state, cand)
+    torch.testing.assert_close(got[False], expected, rtol=1e-9, atol=1e-9)
+    assert (got[True] - expected).abs().max() > 0.1
+
+
 def test_same_generator_seed_same_plan(device):
     m = _linear_model(device)
     with fastwm.backend("reference"):
@@ -149,6 +171,8 @@ def test_bad_planner_arguments(device):
         fastwm.CEMPlanner(m, 3.0)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         fastwm.CEMPlanner(m, _reward(device), generator=0)
+    with pytest.raises(TypeError, match="stochastic must be a bool"):
+        fastwm.MPPIPlanner(m, _reward(device), stochastic="no")
     planner = fastwm.CEMPlanner(m, lambda f: f, horizon=2, candidates=10, top_k=2, iterations=1)
     with fastwm.backend("reference"), pytest.raises(ValueError, match="reward must map features"):
         planner(m.initial(1))
