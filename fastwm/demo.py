@@ -27,9 +27,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,10 +95,12 @@ class DemoConfig:
 
 
 #: What ``--quick`` changes: a smoke run of every step in seconds (CI runs it).
-QUICK = dict(episodes=3, eval_episodes=1, episode_steps=40, steps=6, batch=4, length=8, checkpoint_every=4,
-             imagine_rows=64, imagine_horizon=4, openloop_context=3, openloop_horizon=6, plan_episodes=1,
-             random_episodes=2, horizon=4, candidates=16, iterations=2, top_k=4, deter=16, stoch=4, hidden=16,
-             embed=16, depth=4, collect_rounds=1, collect_episodes=1)
+QUICK: dict[str, Any] = {
+    "episodes": 3, "eval_episodes": 1, "episode_steps": 40, "steps": 6, "batch": 4, "length": 8,
+    "checkpoint_every": 4, "imagine_rows": 64, "imagine_horizon": 4, "openloop_context": 3, "openloop_horizon": 6,
+    "plan_episodes": 1, "random_episodes": 2, "horizon": 4, "candidates": 16, "iterations": 2, "top_k": 4,
+    "deter": 16, "stoch": 4, "hidden": 16, "embed": 16, "depth": 4, "collect_rounds": 1, "collect_episodes": 1,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -129,7 +132,8 @@ class Env:
             raise SystemExit(f"--env {name!r}: gymnasium cannot make it ({type(e).__name__}: {e})") from e
         space = self.env.action_space
         if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-            raise SystemExit(f"--env {name!r}: the demo needs a continuous (Box) action space of shape [A], got {space}")
+            raise SystemExit(f"--env {name!r}: the demo needs a continuous (Box) action space of shape [A], got "
+                             f"{space}")
         if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
             raise SystemExit(f"--env {name!r}: the action space must be bounded, got {space}")
         obs_space = self.env.observation_space
@@ -239,7 +243,7 @@ class Dataset:
         np.savez_compressed(path, obs=self.obs, action=self.action, reward=self.reward, is_first=self.is_first)
 
     @classmethod
-    def load(cls, path: Path) -> "Dataset":
+    def load(cls, path: Path) -> Dataset:
         with np.load(path) as f:
             ds = cls.__new__(cls)
             ds.obs, ds.action, ds.reward, ds.is_first = f["obs"], f["action"], f["reward"], f["is_first"]
@@ -381,9 +385,9 @@ def open_loop(model: WorldModel, ep: Episode, context: int, horizon: int, device
     pred_rew = model.predict_reward(dream)[0]
     real_obs = obs[0, context:context + horizon]
     err = (model.normalize_obs(pred_obs) - model.normalize_obs(real_obs)).square()
-    return dict(real_obs=real_obs.cpu().numpy(), pred_obs=pred_obs.cpu().numpy(),
-                real_reward=ep.reward[context:context + horizon], pred_reward=pred_rew.cpu().numpy(),
-                mse=float(err.mean()), mse_per_step=err.reshape(horizon, -1).mean(-1).cpu().numpy().tolist())
+    return {"real_obs": real_obs.cpu().numpy(), "pred_obs": pred_obs.cpu().numpy(),
+            "real_reward": ep.reward[context:context + horizon], "pred_reward": pred_rew.cpu().numpy(),
+            "mse": float(err.mean()), "mse_per_step": err.reshape(horizon, -1).mean(-1).cpu().numpy().tolist()}
 
 
 class PlannerActor:
@@ -439,8 +443,8 @@ def _plt() -> Any:
 def plot_training(history: History, path: Path, title: str) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, label in zip(axes, ("elbo", "recon", "kl"), ("ELBO per step (recon - KL)", "reconstruction "
-                                                               "log-likelihood", "KL(q || p) per step")):
+    labels = ("ELBO per step (recon - KL)", "reconstruction log-likelihood", "KL(q || p) per step")
+    for ax, key, label in zip(axes, ("elbo", "recon", "kl"), labels):
         y = np.asarray(getattr(history, key))
         ax.plot(history.step, y, lw=0.6, alpha=0.4, color="C0")
         if len(y) >= 20:
@@ -516,7 +520,7 @@ def _commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5)
+                             timeout=5, check=False)
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -734,10 +738,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def _check_config(cfg: DemoConfig) -> None:
-    for name in ("episodes", "eval_episodes", "action_repeat", "depth", "deter", "stoch", "hidden", "embed", "steps", "batch",
-                 "length", "checkpoint_every", "imagine_rows", "imagine_horizon", "openloop_context",
-                 "openloop_horizon", "plan_episodes", "random_episodes", "collect_episodes", "horizon", "candidates", "iterations",
-                 "top_k"):
+    for name in ("episodes", "eval_episodes", "action_repeat", "depth", "deter", "stoch", "hidden", "embed", "steps",
+                 "batch", "length", "checkpoint_every", "imagine_rows", "imagine_horizon", "openloop_context",
+                 "openloop_horizon", "plan_episodes", "random_episodes", "collect_episodes", "horizon", "candidates",
+                 "iterations", "top_k"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive int, got {v!r}")
@@ -787,10 +791,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ("cell", "RSSM cell: gru, layernorm_gru or none"),
                         ("depth", "convolution width of the image encoder and decoder (--pixels)"),
                         ("free_nats", "free nats of the per-step KL"), ("steps", "Adam updates"),
-                        ("batch", "sequences per update"), ("length", "steps per sequence"), ("lr", "Adam learning rate"),
+                        ("batch", "sequences per update"), ("length", "steps per sequence"),
+                        ("lr", "Adam learning rate"),
                         ("grad_clip", "gradient-norm clip"), ("checkpoint_every", "updates between checkpoints"),
-                        ("collect_rounds", "times training pauses for the planner to collect episodes (0: random "
-                         "data only)"),
+                        ("collect_rounds", "pauses in training for the planner to collect (0: random data only)"),
                         ("collect_episodes", "episodes the planner collects each round"),
                         ("explore_noise", "std of the Gaussian noise added to the planner's actions when collecting")):
         _add(g, name, getattr(d, name), help_)

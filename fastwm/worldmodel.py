@@ -110,9 +110,9 @@ class WorldModel(nn.Module):
         if not (isinstance(free_nats, (int, float)) and math.isfinite(free_nats) and free_nats >= 0):
             raise ValueError(f"free_nats must be a float >= 0, got {free_nats!r}")
         self.obs_shape = obs_shape
-        self.config: dict[str, Any] = dict(obs_shape=list(obs_shape), action_dim=action_dim, embed=embed,
-                                           deter=deter, stoch=stoch, hidden=hidden, cell=cell, depth=depth,
-                                           free_nats=float(free_nats), kl_scale=float(kl_scale))
+        self.config: dict[str, Any] = {
+            "obs_shape": list(obs_shape), "action_dim": action_dim, "embed": embed, "deter": deter, "stoch": stoch,
+            "hidden": hidden, "cell": cell, "depth": depth, "free_nats": float(free_nats), "kl_scale": float(kl_scale)}
         self.free_nats, self.kl_scale = float(free_nats), float(kl_scale)
         if self.pixels:
             self.encoder: nn.Module = ConvEncoder(depth)

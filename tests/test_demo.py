@@ -15,9 +15,9 @@ import torch
 pytest.importorskip("gymnasium", reason="the demo's dependencies are in the test extra")
 pytest.importorskip("matplotlib")
 
-from fastwm.__main__ import main  # noqa: E402
-from fastwm.demo import QUICK, Dataset, DemoConfig, Env, Episode, run, sample_batch  # noqa: E402
-from fastwm.worldmodel import WorldModel  # noqa: E402
+from fastwm.__main__ import main
+from fastwm.demo import QUICK, Dataset, DemoConfig, Env, Episode, run, sample_batch
+from fastwm.worldmodel import WorldModel
 
 API_FIELDS = ("env", "steps", "elbo_first", "elbo_last", "plan_return", "random_return")
 
@@ -53,19 +53,43 @@ def test_quick_run_writes_metrics_plots_and_checkpoint(tmp_path: Path, device: t
     assert (tmp_path / "data.npz").exists()
 
 
-def test_resume_continues_exactly(tmp_path: Path, device: torch.device) -> None:
-    """Four updates, then four more from the checkpoint, equal eight in one go (data, batches, noise and Adam state
-    all restored)."""
-    whole = run(_quick(tmp_path / "whole", device, steps=8, checkpoint_every=4))
-    run(_quick(tmp_path / "split", device, steps=4, checkpoint_every=4))
-    resumed = run(_quick(tmp_path / "split", device, steps=8, checkpoint_every=4, resume=True))
-    assert resumed["steps"] == 8
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [3, 6], ids=["before-collection", "after-collection"])
+def test_resume_continues_exactly(tmp_path: Path, device: torch.device, monkeypatch: pytest.MonkeyPatch,
+                                  crash_at: int) -> None:
+    """A run interrupted at update ``crash_at`` and resumed from its last checkpoint ends where an uninterrupted run
+    ends: same data (the planner's round included), batches, noise, Adam state and weights."""
+    cfg = {"steps": 8, "checkpoint_every": 2, "collect_rounds": 1}  # the planner collects after update 4
+    whole = run(_quick(tmp_path / "whole", device, **cfg))
+    import fastwm.demo as demo
+
+    real, calls = demo.sample_batch, []
+
+    def crashing(*args, **kw):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise _Interrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(demo, "sample_batch", crashing)
+    with pytest.raises(_Interrupt):
+        run(_quick(tmp_path / "split", device, **cfg))
+    monkeypatch.setattr(demo, "sample_batch", real)
+    ck = torch.load(tmp_path / "split" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == (crash_at - 1) // 2 * 2 and ck["rounds_done"] == (1 if crash_at > 4 else 0)
+    resumed = run(_quick(tmp_path / "split", device, resume=True, **cfg))
+    assert resumed["steps"] == 8 and resumed["episodes_planner"] == 1
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert a["history"]["step"] == b["history"]["step"] == list(range(1, 9))
+    assert a["history"]["collected_at"] == b["history"]["collected_at"] == [4]
     np.testing.assert_allclose(a["history"]["elbo"], b["history"]["elbo"], rtol=1e-5, atol=1e-5)
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-5, msg=k)
+    assert resumed["data_steps"] == whole["data_steps"]
     assert resumed["random_returns"] == whole["random_returns"]
 
 
