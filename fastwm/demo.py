@@ -81,7 +81,7 @@ class DemoConfig:
     # imagination and planning
     imagine_rows: int = 1000
     imagine_horizon: int = 15
-    openloop_context: int = 5
+    openloop_context: int = 10
     openloop_horizon: int = 30
     plan_episodes: int = 3
     random_episodes: int = 10
@@ -368,26 +368,36 @@ def imagine_throughput(model: WorldModel, rows: int, horizon: int, device: torch
 
 
 @torch.no_grad()
-def open_loop(model: WorldModel, ep: Episode, context: int, horizon: int, device: torch.device) -> dict[str, Any]:
+def open_loop(model: WorldModel, episodes: list[Episode], context: int, horizon: int,
+              device: torch.device) -> dict[str, Any]:
     """Filter ``context`` real steps, then predict ``horizon`` more from the real actions alone (the prior's mean
-    path, no noise); returns the real and predicted observations and rewards, and the prediction's mean squared
-    error in normalised units."""
-    horizon = min(horizon, len(ep.reward) - context)
-    obs = torch.as_tensor(ep.obs, device=device)[None]
-    act = torch.as_tensor(ep.action, device=device)[None]
-    first = torch.zeros(1, context, dtype=torch.bool, device=device)
+    path, no noise), from every window start (every ``horizon // 2`` steps) of the held-out ``episodes``, batched.
+
+    Returns the first window's real and predicted observations and rewards (for the plot), and the prediction's
+    mean squared error in normalised units over all windows: per prediction step and overall."""
+    starts = [(e, s) for e in episodes for s in range(0, len(e.reward) - context - horizon + 1, max(1, horizon // 2))]
+    if not starts:  # episodes shorter than context + horizon: one shortened window
+        ep = episodes[0]
+        horizon = max(1, len(ep.reward) - context)
+        starts = [(ep, 0)]
+    n = context + horizon
+    obs = torch.as_tensor(np.stack([e.obs[s:s + n] for e, s in starts]), device=device)
+    act = torch.as_tensor(np.stack([e.action[s:s + n] for e, s in starts]), device=device)
+    first = torch.zeros(len(starts), context, dtype=torch.bool, device=device)
     first[:, 0] = True
-    post, _ = model.rssm.observe(model.embed(obs[:, :context]), act[:, :context], first)
+    rssm = model.rssm
+    post, _ = rssm.observe(model.embed(obs[:, :context]), act[:, :context], first)
     last = State(*(x[:, -1] for x in post))
-    noise = torch.zeros(1, horizon, model.rssm.stoch, device=device)
-    dream = model.rssm.imagine(act[:, context:context + horizon], last, noise)
-    pred_obs = model.decode(dream)[0]
-    pred_rew = model.predict_reward(dream)[0]
-    real_obs = obs[0, context:context + horizon]
+    noise = torch.zeros(len(starts), horizon, rssm.stoch, device=device)
+    dream = rssm.imagine(act[:, context:], last, noise)
+    pred_obs, pred_rew = model.decode(dream), model.predict_reward(dream)
+    real_obs = obs[:, context:]
     err = (model.normalize_obs(pred_obs) - model.normalize_obs(real_obs)).square()
-    return {"real_obs": real_obs.cpu().numpy(), "pred_obs": pred_obs.cpu().numpy(),
-            "real_reward": ep.reward[context:context + horizon], "pred_reward": pred_rew.cpu().numpy(),
-            "mse": float(err.mean()), "mse_per_step": err.reshape(horizon, -1).mean(-1).cpu().numpy().tolist()}
+    per_step = err.reshape(len(starts), horizon, -1).mean(-1).mean(0)
+    ep0, s0 = starts[0]
+    return {"real_obs": real_obs[0].cpu().numpy(), "pred_obs": pred_obs[0].cpu().numpy(),
+            "real_reward": ep0.reward[s0 + context:s0 + n], "pred_reward": pred_rew[0].cpu().numpy(),
+            "mse": float(per_step.mean()), "mse_per_step": per_step.cpu().numpy().tolist(), "windows": len(starts)}
 
 
 class PlannerActor:
@@ -478,18 +488,23 @@ def plot_open_loop(ol: dict[str, Any], context: int, path: Path, title: str, pix
         axes[0, 0].text(-10, 32, "real", ha="right", fontsize=8)
         axes[1, 0].text(-10, 32, "imagined", ha="right", fontsize=8)
     else:
-        dims = ol["real_obs"].shape[1]
-        fig, axes = plt.subplots(1, dims + 1, figsize=(3.2 * (dims + 1), 3))
+        dims = min(ol["real_obs"].shape[1], 4)  # the first four observation dims, the reward, the error
+        fig, axes = plt.subplots(1, dims + 2, figsize=(3.2 * (dims + 2), 3))
         steps = np.arange(1, len(ol["real_obs"]) + 1)
         series = [(ol["real_obs"][:, d], ol["pred_obs"][:, d], f"observation dim {d}") for d in range(dims)]
         series.append((ol["real_reward"], ol["pred_reward"], "reward"))
-        for ax, (real, pred, name) in zip(np.atleast_1d(axes), series):
+        for ax, (real, pred, name) in zip(axes, series):
             ax.plot(steps, real, "k-", lw=1.5, label="real")
             ax.plot(steps, pred, "C1--", lw=1.5, label="imagined (open loop)")
             ax.set_title(name, fontsize=10)
             ax.set_xlabel(f"steps after {context} observed")
             ax.grid(alpha=0.3)
-        np.atleast_1d(axes)[0].legend(fontsize=8)
+        axes[0].legend(fontsize=8)
+        ax = axes[-1]
+        ax.plot(np.arange(1, len(ol["mse_per_step"]) + 1), ol["mse_per_step"], "C3-", lw=1.5)
+        ax.set_title(f"MSE (normalised), mean of {ol['windows']} windows", fontsize=10)
+        ax.set_xlabel("prediction step")
+        ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -673,12 +688,12 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     with use_backend(be):
         thr = imagine_throughput(model, cfg.imagine_rows, cfg.imagine_horizon, device, gen)
-        ol = open_loop(model, held_out[0], cfg.openloop_context, cfg.openloop_horizon, device)
+        ol = open_loop(model, held_out, cfg.openloop_context, cfg.openloop_horizon, device)
     timings["imagine_s"] = time.perf_counter() - t0
     fused = "n/a (the fused kernels need a CUDA GPU)" if thr["fastwm"] is None else f"{thr['fastwm']:,.0f}"
     _say(f"[3/4] imagination: {cfg.imagine_rows} rows x {cfg.imagine_horizon} steps, row-steps/s: reference "
-         f"{thr['reference']:,.0f}, fused {fused}; open-loop MSE over {len(ol['real_obs'])} steps "
-         f"(normalised units) {ol['mse']:.3f}")
+         f"{thr['reference']:,.0f}, fused {fused}; open-loop MSE over {len(ol['mse_per_step'])} steps "
+         f"(normalised units, {ol['windows']} held-out windows) {ol['mse']:.3f}")
 
     # 4. Planning -----------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -709,7 +724,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         "elbo_first": elbo_first, "elbo_last": elbo_last, "elbo_eval": elbo_eval,
         "plan_return": plan_return, "random_return": random_return,
         "plan_returns": plan_returns, "random_returns": random_returns,
-        "openloop_mse": ol["mse"], "openloop_mse_per_step": ol["mse_per_step"],
+        "openloop_mse": ol["mse"], "openloop_mse_per_step": ol["mse_per_step"], "openloop_windows": ol["windows"],
         "imagine_row_steps_per_s": thr, "imagine_rows": cfg.imagine_rows, "imagine_horizon": cfg.imagine_horizon,
         "rssm_path": path, "device": str(device), "device_name": _device_name(device),
         "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
