@@ -1,7 +1,7 @@
 """Whole-horizon imagination: H prior steps in ONE launch, no gradient.
 
 Each program owns ``BLOCK_M`` trajectories and runs the prior step (input layer, cell, prior head, std transform,
-sample) H times, reusing the phases of :mod:`fastwm.kernels.rssm`. The state (h, z) lives in two small per-row
+sample) H times: the ``_prior_fwd`` helper of :mod:`fastwm.kernels.rssm`, the one the step kernels run. The state (h, z) lives in two small per-row
 ping-pong buffers that stay in L1/L2; the weights are read from L2 every step. Optional, also inside the loop:
 
 * a policy MLP (closed loop): a_t = policy([z_t, h_t]), written out per step;
@@ -26,12 +26,10 @@ from .rssm import (
     BLOCK_N,
     NUM_WARPS,
     _block_s,
-    _gauss_fwd,
-    _gru_fwd,
     _linear,
-    _lngru_fwd,
     _norm_act_fwd,
     _prec,
+    _prior_fwd,
     compute_dtype,
 )
 
@@ -146,38 +144,14 @@ def _rollout_kernel(
             _copy_strided(out_actions + t * A, H * A, a_buf, A, A, rows, rmask, BLOCK_M, BLOCK_N)
             a_src = a_buf
             lda = A
-        # input layer, cell
-        _linear(x_pre, HD, z_cur, S, S, a_src, lda, A, w_in, S + A, 1, HD, b_in, rows, rmask,
-                True, HAS_B_IN, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()
-        _norm_act_fwd(x_pre, x_act, HD, nw_in, nb_in, x_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M,
-                      BLOCK_N)
-        tl.debug_barrier()
-        if CELL == 0:
-            _gru_fwd(x_act, HD, HD, h_cur, D, w_c1, w_c2, b_c1, b_c2, h_next, c_save, rows, rmask,
-                     HAS_B_C1, HAS_B_C2, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, False)
-        elif CELL == 1:
-            _lngru_fwd(x_act, HD, HD, h_cur, D, w_c1, nw_c, nb_c, c_save, c_rstd, h_next, rows, rmask,
-                       EPS, UPDATE_BIAS, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()
-        if CELL == 2:
-            hin = x_act
-            DH = HD
-        else:
-            hin = h_next
-            DH = D
-        # prior head and sample
-        _linear(p_pre, HD, hin, DH, DH, hin, DH, 0, w_p1, DH, 1, HD, b_p1, rows, rmask,
-                False, HAS_B_P1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()
-        _norm_act_fwd(p_pre, p_y, HD, nw_p1, nb_p1, p_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
-        tl.debug_barrier()
-        _linear(p_raw, 2 * S, p_y, HD, HD, p_y, HD, 0, w_p2, HD, 1, 2 * S, b_p2, rows, rmask,
-                False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()
-        _gauss_fwd(p_raw, S, noise_ptr + t * S, H * S, seed + t, z_next, S, out_mean + t * S, out_std + t * S,
-                   H * S, p_raw, p_raw, rows, rmask, NOISE, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S,
-                   WRITE_STATE)
+        # the prior step (input layer, cell, prior head, sample) into slot 1 - cur
+        _prior_fwd(z_cur, a_src, lda, h_cur, noise_ptr + t * S, H * S, seed + t, h_next, z_next, S,
+                   out_mean + t * S, out_std + t * S, H * S,
+                   w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2,
+                   b_p2, x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw,
+                   S, A, D, HD, rows, rmask, CELL, ACT, NORM, NOISE, STD_MODE, MIN_STD, EPS, UPDATE_BIAS,
+                   HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, False, WRITE_STATE,
+                   COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S)
         tl.debug_barrier()
         if WRITE_STATE:
             _copy_strided(out_stoch + t * S, H * S, z_next, S, S, rows, rmask, BLOCK_M, BLOCK_N)

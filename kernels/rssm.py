@@ -469,6 +469,54 @@ def _gauss_bwd(raw_ptr, S, noise_ptr, seed, gz_ptr, gm_ptr, gs_ptr, draw_ptr, pr
 
 
 @triton.jit
+def _prior_fwd(
+    z_ptr, a_ptr, lda, h_ptr,  # [B, S], [B, A] (row stride lda), [B, D] (X): the state and the action
+    noise_ptr, ldn, seed,  # noise [B, S] (row stride ldn) or the int64 seed of the sample
+    hout, z_out, ldz, m_out, s_out, ldo,  # h' [B, D]; the sample (row stride ldz), mean and std (row stride ldo)
+    w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+    x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw,  # saved / scratch, as in _step_fwd_body
+    S, A, D, HD, rows, rmask,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, NOISE: tl.constexpr, STD_MODE: tl.constexpr,
+    MIN_STD: tl.constexpr, EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr,
+    HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_P1: tl.constexpr,
+    SAVE_GATES: tl.constexpr, STORE_MS: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # The prior step for rows [rows]: input layer on [z, a], the cell, the prior head, std and sample. Shared by
+    # the step kernels (which save the GRU gates for the backward) and the rollout kernel (which does not).
+    _linear(x_pre, HD, z_ptr, S, S, a_ptr, lda, A, w_in, S + A, 1, HD, b_in, rows, rmask,
+            True, HAS_B_IN, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    _norm_act_fwd(x_pre, x_act, HD, nw_in, nb_in, x_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
+    tl.debug_barrier()
+    # the cell; the head reads h' (or x itself when there is no cell)
+    if CELL == 0:
+        _gru_fwd(x_act, HD, HD, h_ptr, D, w_c1, w_c2, b_c1, b_c2, hout, c_save, rows, rmask,
+                 HAS_B_C1, HAS_B_C2, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, SAVE_GATES)
+    elif CELL == 1:
+        _lngru_fwd(x_act, HD, HD, h_ptr, D, w_c1, nw_c, nb_c, c_save, c_rstd, hout, rows, rmask,
+                   EPS, UPDATE_BIAS, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    if CELL == 2:
+        hin = x_act
+        DH = HD
+    else:
+        hin = hout
+        DH = D
+    _linear(p_pre, HD, hin, DH, DH, hin, DH, 0, w_p1, DH, 1, HD, b_p1, rows, rmask,
+            False, HAS_B_P1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    _norm_act_fwd(p_pre, p_y, HD, nw_p1, nb_p1, p_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
+    tl.debug_barrier()
+    _linear(p_raw, 2 * S, p_y, HD, HD, p_y, HD, 0, w_p2, HD, 1, 2 * S, b_p2, rows, rmask,
+            False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    _gauss_fwd(p_raw, S, noise_ptr, ldn, seed, z_out, ldz, m_out, s_out, ldo, p_raw, p_raw, rows, rmask,
+               NOISE, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, STORE_MS)
+
+
+@triton.jit
 def _step_fwd_body(
     z_ptr, a_ptr, h_ptr, e_ptr,  # [B, S], [B, A], [B, D], [B, E] (X) inputs; e only with POST
     nq_ptr, np_ptr, q_seed, p_seed,  # noise [B, S] (X) of the posterior and the prior sample, or int64 seeds
@@ -492,37 +540,18 @@ def _step_fwd_body(
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # One RSSM step for rows [rows] (the prior step, or the posterior step with POST); see _step_fwd_kernel.
-    # input layer on [z, a]
-    _linear(x_pre, HD, z_ptr, S, S, a_ptr, A, A, w_in, S + A, 1, HD, b_in, rows, rmask,
-            True, HAS_B_IN, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.debug_barrier()
-    _norm_act_fwd(x_pre, x_act, HD, nw_in, nb_in, x_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
-    tl.debug_barrier()
-    # the cell; the heads read h' (or x itself when there is no cell)
-    if CELL == 0:
-        _gru_fwd(x_act, HD, HD, h_ptr, D, w_c1, w_c2, b_c1, b_c2, hout, c_save, rows, rmask,
-                 HAS_B_C1, HAS_B_C2, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, True)
-    elif CELL == 1:
-        _lngru_fwd(x_act, HD, HD, h_ptr, D, w_c1, nw_c, nb_c, c_save, c_rstd, hout, rows, rmask,
-                   EPS, UPDATE_BIAS, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.debug_barrier()
+    _prior_fwd(z_ptr, a_ptr, A, h_ptr, np_ptr, S, p_seed, hout, zp_out, S, pm_out, ps_out, S,
+               w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
+               x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw,
+               S, A, D, HD, rows, rmask, CELL, ACT, NORM, NOISE_P, STD_MODE, MIN_STD, EPS, UPDATE_BIAS,
+               HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, True, True,
+               COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S)
     if CELL == 2:
         hin = x_act
         DH = HD
     else:
         hin = hout
         DH = D
-    # prior head
-    _linear(p_pre, HD, hin, DH, DH, hin, DH, 0, w_p1, DH, 1, HD, b_p1, rows, rmask,
-            False, HAS_B_P1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.debug_barrier()
-    _norm_act_fwd(p_pre, p_y, HD, nw_p1, nb_p1, p_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
-    tl.debug_barrier()
-    _linear(p_raw, 2 * S, p_y, HD, HD, p_y, HD, 0, w_p2, HD, 1, 2 * S, b_p2, rows, rmask,
-            False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.debug_barrier()
-    _gauss_fwd(p_raw, S, np_ptr, S, p_seed, zp_out, S, pm_out, ps_out, S, p_raw, kl_out, rows, rmask,
-               NOISE_P, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, True)
     if POST:
         _linear(q_pre, HD, hin, DH, DH, e_ptr, E, E, w_q1, DH + E, 1, HD, b_q1, rows, rmask,
                 True, HAS_B_Q1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
