@@ -5,6 +5,11 @@ one time loop: each program owns ``BLOCK_M`` sequences and runs the posterior st
 ``fastwm.kernels.rssm``) for t = 0 .. T - 1, applying the ``is_first`` resets on the fly. Everything is time-major
 ([T, B, ...]) so that step t's slice is a contiguous [B, ...] block.
 
+What does not depend on the recurrence is hoisted out of the loop: the action part of the input layer and the
+embedding part of the posterior's first layer (E x Hd, the largest product of a Dreamer step) are one matrix product
+each over all T x B rows before the loop (the loop adds the recurrent part to them), and their input gradients one
+product each after the backward loop.
+
 The backward walks t = T - 1 .. 0 with :func:`_step_bwd_body`, carrying the gradients with respect to the next step's
 input state (stoch, deter) back, and writes every layer's pre-activation gradient for every (t, b): the weight
 gradients are then a few matrix products over all T x B rows (``fastwm.observe``), deterministic, no atomics.
@@ -76,7 +81,7 @@ def _keep_of(first_ptr, rows, rmask, HAS_FIRST: tl.constexpr, COMPUTE: tl.conste
 @triton.jit
 def _observe_fwd_kernel(
     z0_ptr, h0_ptr,  # [B, S], [B, D] (X): the state before step 0
-    act_ptr, emb_ptr, first_ptr,  # [T, B, A], [T, B, E] (X), [T, B] int8 (HAS_FIRST)
+    act_ptr, emb_ptr, first_ptr,  # [T, B, A], [T, B, E] (X) (their products are hoisted: unused), [T, B] int8
     nq_ptr, np_ptr, seed_ptr,  # [T, B, S] (X) posterior / prior noise (NOISE_Q / NOISE_P 1), [2] int64 seeds
     w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
     w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2,  # the weights, as in the step kernel
@@ -107,7 +112,6 @@ def _observe_fwd_kernel(
             _keep_copy(z_in + t * B * S, zq + (t - 1) * B * S, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
             if HAS_D:
                 _keep_copy(h_in + t * B * D, hs + (t - 1) * B * D, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
-        _keep_copy(a_in + t * B * A, act_ptr + t * B * A, A, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
         tl.debug_barrier()
         _step_fwd_body(
             z_in + t * B * S, a_in + t * B * A, h_in + t * B * D, emb_ptr + t * B * E,
@@ -121,7 +125,8 @@ def _observe_fwd_kernel(
             q_pre + t * B * HD, q_rstd + t * B, q_y + t * B * HD, q_raw + t * B * 2 * S,
             B, S, A, D, E, HD, rows, rmask,
             CELL, ACT, NORM, True, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, EPS, UPDATE_BIAS,
-            HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, HAS_B_Q1, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
+            HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, HAS_B_Q1, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
+            BLOCK_S,
         )
         tl.debug_barrier()
 
@@ -177,7 +182,7 @@ def _observe_bwd_kernel(
             d_praw + t * B * 2 * S, d_py, d_ppre + t * B * HD, d_pv + t * B * HD,
             d_qraw + t * B * 2 * S, d_qy, d_qpre + t * B * HD, d_qv + t * B * HD,
             B, S, A, D, E, HD, rows, rmask,
-            CELL, ACT, NORM, True, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, UPDATE_BIAS,
+            CELL, ACT, NORM, True, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, UPDATE_BIAS, True,
             COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
         )
         tl.debug_barrier()
@@ -230,6 +235,14 @@ def observe_fwd(
     saved = tuple(buf(wd, dt if i < 3 else cdt) for i, wd in enumerate(widths))
     if t_len == 0 or bsz == 0:
         return outs + saved
+    # Hoisted out of the time loop, one product each over all T x B rows: the action part of the input layer and
+    # the embedding part of the posterior's first layer, written straight into the pre-activation buffers the loop
+    # then adds the recurrent part to. a_in is the action with the resets applied (zero at a reset step).
+    a_in, x_pre, q_pre = saved[2], saved[3], saved[12]
+    a_in.copy_(action if first is None else action * (first == 0).to(action.dtype)[..., None])
+    dh = d if cell != 2 else hd
+    torch.matmul(a_in.reshape(-1, a_dim).to(cdt), w_in[:, s:].t().to(cdt), out=x_pre.view(-1, hd))
+    torch.matmul(embed.reshape(-1, e_dim).to(cdt), w_q1[:, dh:].t().to(cdt), out=q_pre.view(-1, hd))
     x = z0
 
     def p(t: torch.Tensor | None) -> torch.Tensor:
@@ -305,4 +318,7 @@ def observe_bwd(
             COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
         )
+        # The input gradients of the hoisted products, one product each over all T x B rows.
+        torch.matmul(per_step[0].view(-1, hd), w_in[:, s:].to(cdt), out=d_a.view(-1, a_dim))
+        torch.matmul(per_step[8].view(-1, hd), w_q1[:, dh_in:].to(cdt), out=d_e.view(-1, e_dim))
     return (d_z0, d_h0, d_a, d_e) + per_step

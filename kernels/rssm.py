@@ -479,14 +479,20 @@ def _prior_fwd(
     CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, NOISE: tl.constexpr, STD_MODE: tl.constexpr,
     MIN_STD: tl.constexpr, EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr,
     HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_P1: tl.constexpr,
-    SAVE_GATES: tl.constexpr, STORE_MS: tl.constexpr,
+    SAVE_GATES: tl.constexpr, STORE_MS: tl.constexpr, HOISTED: tl.constexpr,
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # The prior step for rows [rows]: input layer on [z, a], the cell, the prior head, std and sample. Shared by
     # the step kernels (which save the GRU gates for the backward) and the rollout kernel (which does not).
-    _linear(x_pre, HD, z_ptr, S, S, a_ptr, lda, A, w_in, S + A, 1, HD, b_in, rows, rmask,
-            True, HAS_B_IN, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    # HOISTED: x_pre already holds a @ W_in[:, S:].T (one product over all rows before a time loop); only the
+    # z part and the bias are added here.
+    if HOISTED:
+        _linear(x_pre, HD, z_ptr, S, S, z_ptr, 0, 0, w_in, S + A, 1, HD, b_in, rows, rmask,
+                False, HAS_B_IN, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _linear(x_pre, HD, z_ptr, S, S, a_ptr, lda, A, w_in, S + A, 1, HD, b_in, rows, rmask,
+                True, HAS_B_IN, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
     _norm_act_fwd(x_pre, x_act, HD, nw_in, nb_in, x_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
     tl.debug_barrier()
@@ -535,16 +541,18 @@ def _step_fwd_body(
     NOISE_Q: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
     EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr,
     HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_P1: tl.constexpr,
-    HAS_B_Q1: tl.constexpr,
+    HAS_B_Q1: tl.constexpr, HOISTED: tl.constexpr,
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # One RSSM step for rows [rows] (the prior step, or the posterior step with POST); see _step_fwd_kernel.
+    # HOISTED (observe's time loop): x_pre and q_pre arrive holding the action and embedding products
+    # a @ W_in[:, S:].T and e @ W_q1[:, D':].T, computed for all T x B rows before the loop; e_ptr is unused.
     _prior_fwd(z_ptr, a_ptr, A, h_ptr, np_ptr, S, p_seed, hout, zp_out, S, pm_out, ps_out, S,
                w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
                x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw,
                S, A, D, HD, rows, rmask, CELL, ACT, NORM, NOISE_P, STD_MODE, MIN_STD, EPS, UPDATE_BIAS,
-               HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, True, True,
+               HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, True, True, HOISTED,
                COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S)
     if CELL == 2:
         hin = x_act
@@ -553,8 +561,12 @@ def _step_fwd_body(
         hin = hout
         DH = D
     if POST:
-        _linear(q_pre, HD, hin, DH, DH, e_ptr, E, E, w_q1, DH + E, 1, HD, b_q1, rows, rmask,
-                True, HAS_B_Q1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        if HOISTED:
+            _linear(q_pre, HD, hin, DH, DH, hin, 0, 0, w_q1, DH + E, 1, HD, b_q1, rows, rmask,
+                    False, HAS_B_Q1, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            _linear(q_pre, HD, hin, DH, DH, e_ptr, E, E, w_q1, DH + E, 1, HD, b_q1, rows, rmask,
+                    True, HAS_B_Q1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
         _norm_act_fwd(q_pre, q_y, HD, nw_q1, nb_q1, q_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
         tl.debug_barrier()
@@ -609,7 +621,7 @@ def _step_fwd_kernel(
         x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw, q_pre, q_rstd, q_y, q_raw,
         B, S, A, D, E, HD, rows, rows < B,
         CELL, ACT, NORM, POST, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, EPS, UPDATE_BIAS,
-        HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, HAS_B_Q1, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
+        HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, HAS_B_Q1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
     )
 
 
@@ -628,11 +640,12 @@ def _step_bwd_body(
     B, S, A, D, E, HD, rows, rmask,
     CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, POST: tl.constexpr,
     NOISE_Q: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
-    UPDATE_BIAS: tl.constexpr,
+    UPDATE_BIAS: tl.constexpr, HOISTED: tl.constexpr,
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # The backward of one RSSM step for rows [rows]; see _step_bwd_kernel.
+    # The backward of one RSSM step for rows [rows]; see _step_bwd_kernel. HOISTED: d_a and d_e are not written
+    # here (the caller takes them from d_xpre and d_qpre as one product over all rows after the time loop).
     if CELL == 2:
         DH = HD
     else:
@@ -651,8 +664,9 @@ def _step_bwd_body(
         tl.debug_barrier()
         _linear(d_hin, DH, d_qpre, HD, HD, d_qpre, 0, 0, w_q1, 1, DH + E, DH, w_q1, rows, rmask,
                 False, False, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        _linear(d_e, E, d_qpre, HD, HD, d_qpre, 0, 0, w_q1 + DH, 1, DH + E, E, w_q1, rows, rmask,
-                False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        if not HOISTED:
+            _linear(d_e, E, d_qpre, HD, HD, d_qpre, 0, 0, w_q1 + DH, 1, DH + E, E, w_q1, rows, rmask,
+                    False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     _gauss_bwd(p_raw, S, np_ptr, p_seed, g_zp, g_pm, g_ps, d_praw, p_raw, g_kl, d_praw, rows, rmask,
                NOISE_P, False, POST, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
     tl.debug_barrier()
@@ -690,8 +704,9 @@ def _step_bwd_body(
     tl.debug_barrier()
     _linear(d_z, S, d_xpre, HD, HD, d_xpre, 0, 0, w_in, 1, S + A, S, w_in, rows, rmask,
             False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    _linear(d_a, A, d_xpre, HD, HD, d_xpre, 0, 0, w_in + S, 1, S + A, A, w_in, rows, rmask,
-            False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    if not HOISTED:
+        _linear(d_a, A, d_xpre, HD, HD, d_xpre, 0, 0, w_in + S, 1, S + A, A, w_in, rows, rmask,
+                False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -718,7 +733,7 @@ def _step_bwd_kernel(
         g_h, g_zp, g_pm, g_ps, g_zq, g_qm, g_qs, g_kl,
         d_z, d_a, d_h, d_e, d_xpre, d_xv, d_x, d_c1, d_c2, d_hin, d_praw, d_py, d_ppre, d_pv, d_qraw, d_qy, d_qpre, d_qv,
         B, S, A, D, E, HD, rows, rows < B,
-        CELL, ACT, NORM, POST, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, UPDATE_BIAS,
+        CELL, ACT, NORM, POST, NOISE_Q, NOISE_P, STD_MODE, MIN_STD, UPDATE_BIAS, False,
         COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
     )
 
