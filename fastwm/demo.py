@@ -748,8 +748,18 @@ def _triton_version() -> str | None:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "\
-           f"threads)"
+    return f"CPU ({_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _check_config(cfg: DemoConfig) -> None:
