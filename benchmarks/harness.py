@@ -625,6 +625,24 @@ def _default_providers(
     return providers
 
 
+def _guarded_case(name: str, device: torch.device, notes: list[str], run: Callable[..., dict | None],
+                  *args: Any) -> tuple[dict | None, bool]:
+    """Run one benchmark case, ``run(*args)``: (its row, False); (None, False) when the device ran out of memory;
+    (None, True) when it failed. Either way the failure is noted and the run goes on, with the memory released."""
+    try:
+        return run(*args), False
+    except torch.OutOfMemoryError:
+        notes.append(f"{name} skipped: out of device memory")
+        return None, False
+    except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
+        notes.append(f"{name} FAILED: {type(exc).__name__}: {exc}")
+        return None, True
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _run_gaussian(plan: _GaussianPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any]) -> int:
     """The Gaussian suite: table, notes and DIR/bench_gaussian.json; 0, or 1 when a case failed."""
     notes: list[str] = []
@@ -652,19 +670,9 @@ def _run_gaussian(plan: _GaussianPlan, out: Path, device: torch.device, quick: b
                             continue
                         for provider in runnable:
                             name = case_id(op, mode, provider, n_rows, s, dtype)
-                            try:
-                                row = _run_case(op, mode, provider, n_rows, s, dtype, device, quick)
-                            except torch.OutOfMemoryError:
-                                notes.append(f"{name} skipped: out of device memory")
-                                row = None
-                            except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
-                                failures += 1
-                                notes.append(f"{name} FAILED: {type(exc).__name__}: {exc}")
-                                row = None
-                            finally:
-                                gc.collect()
-                                if device.type == "cuda":
-                                    torch.cuda.empty_cache()
+                            row, failed = _guarded_case(name, device, notes, _run_case, op, mode, provider, n_rows,
+                                                        s, dtype, device, quick)
+                            failures += failed
                             if row is None:
                                 continue
                             row.update(copy_gbps=copy_gbps, frac_copy_bw=row["gbps"] / copy_gbps, **meta)
@@ -875,21 +883,9 @@ def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, met
                     for size in plan.sizes:
                         for provider, compile_mode in variants:
                             name = bench_rssm.case_id(benchmark, mode, provider, size, dtype, compile_mode)
-                            try:
-                                row = _run_rssm_case(
-                                    benchmark, mode, provider, size, dtype, device, quick, compile_mode
-                                )
-                            except torch.OutOfMemoryError:
-                                notes.append(f"{name} skipped: out of device memory")
-                                row = None
-                            except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
-                                failures += 1
-                                notes.append(f"{name} FAILED: {type(exc).__name__}: {exc}")
-                                row = None
-                            finally:
-                                gc.collect()
-                                if device.type == "cuda":
-                                    torch.cuda.empty_cache()
+                            row, failed = _guarded_case(name, device, notes, _run_rssm_case, benchmark, mode,
+                                                        provider, size, dtype, device, quick, compile_mode)
+                            failures += failed
                             if row is None:
                                 continue
                             row.update(meta)
@@ -1159,19 +1155,8 @@ def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: boo
             _note_unavailable(providers, bench_rollout.provider_unavailable, device, dtype, dtype_name, skipped_reasons, notes)
             for case in _rollout_cases(plan, providers, device, dtype, notes):
                 name = case["name"]
-                try:
-                    row = _run_rollout_case(case, plan, dtype, device, quick)
-                except torch.OutOfMemoryError:
-                    notes.append(f"{name} skipped: out of device memory")
-                    row = None
-                except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
-                    failures += 1
-                    notes.append(f"{name} FAILED: {type(exc).__name__}: {exc}")
-                    row = None
-                finally:
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                row, failed = _guarded_case(name, device, notes, _run_rollout_case, case, plan, dtype, device, quick)
+                failures += failed
                 if row is None:
                     continue
                 row.update(meta)
