@@ -604,33 +604,31 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                          "--episodes")
 
     # 2. Training -----------------------------------------------------------------------------------------------------
-    model = WorldModel(env.obs_shape, env.action_dim, embed=cfg.embed, deter=cfg.deter, stoch=cfg.stoch,
-                       hidden=cfg.hidden, cell=cfg.cell, depth=cfg.depth, free_nats=cfg.free_nats)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
-    history, start = History(), 0
-    if resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model = WorldModel(env.obs_shape, env.action_dim, **{k: v for k, v in ck["model_config"].items()
-                                                             if k not in ("obs_shape", "action_dim")})
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False) if resume else None
+    if ck is None:
+        model_kw = {"embed": cfg.embed, "deter": cfg.deter, "stoch": cfg.stoch, "hidden": cfg.hidden,
+                    "cell": cfg.cell, "depth": cfg.depth, "free_nats": cfg.free_nats}
+    else:  # the checkpoint's sizes win over the flags
+        model_kw = {k: v for k, v in ck["model_config"].items() if k not in ("obs_shape", "action_dim")}
+    model = WorldModel(env.obs_shape, env.action_dim, **model_kw)
+    if ck is None:
+        model.set_normalizer(torch.as_tensor(data.obs), torch.as_tensor(data.reward))
+    else:
         model.load_state_dict(ck["model"])
-        model.to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-4)
+    history, start, rounds_done = History(), 0, 0
+    if ck is not None:
         opt.load_state_dict(ck["optimizer"])
         history = History(**ck["history"])
-        start = int(ck["step"])
+        start, rounds_done = int(ck["step"]), int(ck["rounds_done"])
+        data.truncate(int(ck["data_len"]))  # what the checkpoint saw, should data.npz have been saved after it
         gen.set_state(ck["generator"])
         torch.set_rng_state(ck["torch_rng"])
         if device.type == "cuda" and ck.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ck["cuda_rng"], device)
         _say(f"[2/4] resuming from {ckpt_path} at update {start}")
-    else:
-        model.set_normalizer(torch.as_tensor(data.obs), torch.as_tensor(data.reward))
-        model.to(device)
     tensors = data.tensors(device)
-    rounds_done = int(ck.get("rounds_done", 0)) if resume else 0
-    if resume:
-        data.truncate(int(ck.get("data_len", len(data))))
-        tensors = data.tensors(device)
 
     def save(step: int) -> None:
         torch.save({"step": step, "model": model.state_dict(), "model_config": model.config,
