@@ -1,0 +1,270 @@
+"""Compile every fastwm Triton kernel for a GPU target ahead of time, on a machine without a GPU.
+
+The Triton interpreter checks what the kernels compute but never runs Triton's compiler: a kernel that computes the
+right values under TRITON_INTERPRET=1 can still fail to compile for a GPU (tl.dot in bf16 or fp64, a layout the
+compiler rejects), or spill registers. This tool drives the public API through every kernel variant (each cell kind,
+each dtype, the step, observe, imagination, rollout and planner paths, forward and backward) with a stand-in driver
+whose target is an NVIDIA GPU, so that each launch compiles to a cubin instead of running. The cubins are then read
+with the ``cuobjdump`` that ships inside the triton wheel: registers, local memory (spills) and shared memory per
+kernel variant.
+
+    python -m benchmarks.aot                  # sm_90 (H100 / H200), every variant, a table
+    python -m benchmarks.aot --arch 80 --json aot.json
+
+Outputs never hold values (no kernel runs): only compilation is checked. It needs triton but no GPU and no CUDA
+toolkit; TRITON_INTERPRET must not be set (the interpreter never compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+__all__ = ["CompiledVariant", "compile_all", "main"]
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+CELLS = ("gru", "layernorm_gru", "none")
+SIZES = ((30, 200, 200), (32, 512, 512))  # stoch / deter / hidden: PlaNet's and dreamerv3's (alignment differs)
+
+
+@dataclass
+class CompiledVariant:
+    """One compiled kernel variant and what its cubin uses per thread / per program."""
+
+    kernel: str
+    scenario: str
+    constexprs: str
+    num_warps: int
+    registers: int | None
+    local_bytes: int | None  # per thread: register spills (and stack arrays); 0 is the goal
+    shared_bytes: int
+    seconds: float
+
+
+class _TargetDriver:
+    """A stand-in for Triton's active driver: reports ``target`` and never touches a device."""
+
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_active_torch_device(self):
+        import torch
+
+        return torch.device("cpu")
+
+
+def _constexpr_summary(kernel) -> str:
+    names = ("CELL", "ACT", "NORM", "POST", "COMPUTE", "NOISE_Q", "NOISE_P", "STD_MODE", "HAS_FIRST", "MODE", "WRITE",
+             "POLICY", "REWARD", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_S")
+    src = getattr(kernel, "src", None)
+    consts = getattr(src, "constants", None) or {}
+    parts = []
+    for key, value in consts.items():
+        name = key if isinstance(key, str) else None
+        if name is None and isinstance(key, tuple) and src is not None:
+            try:
+                name = src.fn.arg_names[key[0]]
+            except (AttributeError, IndexError):
+                name = None
+        if name is not None and (name in names or name.startswith(("HAS_", "STORE_", "SAVE_"))):
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
+@contextmanager
+def _compile_only(arch: int, record: Callable[[str, object, float], None]) -> Iterator[None]:
+    """Every Triton launch compiles for ``arch`` and returns without running; fastwm routes CPU tensors to Triton."""
+    from triton.runtime import jit as tjit
+    from triton.runtime.driver import driver
+
+    import fastwm._backend as fb
+
+    original_run, original_interp = tjit.JITFunction.run, fb.interpreter_enabled
+
+    def run(self, *args, grid, warmup, **kwargs):
+        n_before = sum(len(c[0]) for c in self.device_caches.values())
+        start = time.perf_counter()
+        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if sum(len(c[0]) for c in self.device_caches.values()) > n_before:
+            record(self.fn.__name__, kernel, time.perf_counter() - start)
+        return kernel
+
+    previous = driver._active  # None until something asked for the real driver (none exists without a GPU)
+    driver.set_active(_TargetDriver(arch))
+    tjit.JITFunction.run = run
+    fb.interpreter_enabled = lambda: True
+    try:
+        yield
+    finally:
+        tjit.JITFunction.run = original_run
+        fb.interpreter_enabled = original_interp
+        driver._active = previous
+
+
+def _resources(cubin: bytes, tool: str) -> tuple[int | None, int | None]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=False).stdout
+    finally:
+        os.unlink(path)
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)", out)
+    if m is None:
+        return None, None
+    return int(m.group(1)), int(m.group(2)) + int(m.group(3))
+
+
+def _scenarios(dtypes: tuple[str, ...], cells: tuple[str, ...],
+               sizes: tuple[tuple[int, int, int], ...]) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(name, thunk): each thunk calls the public API on CPU tensors, forward and backward."""
+    import torch
+    from torch import nn
+
+    import fastwm
+
+    def gaussian(dt: torch.dtype) -> None:
+        q = torch.randn(5, 8, 32, dtype=dt, requires_grad=True)
+        p = torch.randn(5, 8, 32, dtype=dt, requires_grad=True)
+        out = fastwm.gaussian_head_sample_kl(q, p, mode="softplus")
+        (out.sample.sum() + out.kl.sum()).backward()
+        m, s = torch.randn(5, 8, 16, dtype=dt), torch.rand(5, 8, 16, dtype=dt) + 0.5
+        fastwm.gaussian_sample_kl(m, s, m, s, torch.randn_like(m))
+        fastwm.std_from_raw(q.detach().requires_grad_(), mode="sigmoid2").sum().backward()
+        fastwm.kl_loss(m, s, m, s, **fastwm.KL_PRESETS["dreamerv3"])
+
+    def cells_fn(dt: torch.dtype) -> None:
+        x, h = torch.randn(5, 48, dtype=dt, requires_grad=True), torch.randn(5, 64, dtype=dt, requires_grad=True)
+        gru = nn.GRUCell(48, 64).to(dt)
+        fastwm.gru_cell(x, h, gru.weight_ih, gru.weight_hh, gru.bias_ih, gru.bias_hh).sum().backward()
+        ln = fastwm.LayerNormGRUCell(48, 64).to(dt)
+        ln(x, h).sum().backward()
+
+    def rssm(dt: torch.dtype, cell: str, sizes: tuple[int, int, int]) -> None:
+        stoch, deter, hidden = sizes
+        m = fastwm.RSSM(6, 96, stoch=stoch, deter=deter, hidden=hidden, cell=cell, norm=cell == "layernorm_gru",
+                        dtype=dt)
+        b, t_len = 5, 3
+        emb, act = torch.randn(b, t_len, 96, dtype=dt), torch.randn(b, t_len, 6, dtype=dt)
+        first = torch.zeros(b, t_len, dtype=torch.bool)
+        post, prior, kl = m.observe(emb, act, first, return_kl=True)
+        (post.stoch.sum() + prior.mean.sum() + kl.sum() + post.deter.sum()).backward() if cell != "none" else \
+            (post.stoch.sum() + prior.mean.sum() + kl.sum()).backward()
+        state = m.initial(b)
+        post1, prior1 = m.obs_step(state, act[:, 0], emb[:, 0])
+        (post1.stoch.sum() + prior1.std.sum()).backward()
+        m.img_step(state, act[:, 0]).stoch.sum().backward()
+        with torch.no_grad():
+            m.imagine(torch.randn(b, 4, 6, dtype=dt), state)
+            m.imagine(torch.randn(b, 4, 6, dtype=dt), state, torch.randn(b, 4, stoch, dtype=dt))
+            policy = nn.Sequential(nn.Linear(m.feature_dim, 32), nn.ELU(), nn.Linear(32, 6), nn.Tanh()).to(dt)
+            m.rollout(policy, state, 4)
+            reward = nn.Sequential(nn.Linear(m.feature_dim, 32), nn.ELU(), nn.Linear(32, 1)).to(dt)
+            fastwm.CEMPlanner(m, reward, horizon=3, candidates=32, top_k=4, iterations=2)(m.initial(2))
+            fastwm.MPPIPlanner(m, reward, horizon=3, samples=32, iterations=2)(m.initial(2))
+            fastwm.CEMPlanner(m, lambda f: f.sum(-1), horizon=3, candidates=32, top_k=4, iterations=1,
+                              stochastic=False)(m.initial(2))
+
+    for name in dtypes:
+        dt = getattr(torch, name)
+        yield f"gaussian {name}", lambda dt=dt: gaussian(dt)
+        yield f"cells {name}", lambda dt=dt: cells_fn(dt)
+        for cell in cells:
+            for size in sizes:
+                yield (f"rssm {cell} {name} {'/'.join(map(str, size))}",
+                       lambda dt=dt, cell=cell, size=size: rssm(dt, cell, size))
+
+
+def compile_all(arch: int = 90, dtypes: tuple[str, ...] = DTYPES, cells: tuple[str, ...] = CELLS,
+                sizes: tuple[tuple[int, int, int], ...] = SIZES, log: Callable[[str], None] | None = None,
+                ) -> tuple[list[CompiledVariant], list[tuple[str, str]]]:
+    """Compile every kernel variant the scenarios reach; returns (variants, failures as (scenario, error))."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("benchmarks.aot compiles kernels: unset TRITON_INTERPRET (the interpreter never compiles)")
+    import torch
+    import triton
+
+    import fastwm
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    variants: list[CompiledVariant] = []
+    failures: list[tuple[str, str]] = []
+    current = [""]
+
+    def record(name: str, kernel, seconds: float) -> None:
+        regs, local = _resources(kernel.asm["cubin"], tool) if os.path.exists(tool) else (None, None)
+        variants.append(CompiledVariant(name, current[0], _constexpr_summary(kernel), kernel.metadata.num_warps,
+                                        regs, local, kernel.metadata.shared, round(seconds, 2)))
+        if log is not None:
+            v = variants[-1]
+            log(f"  {name:28s} regs {v.registers} local {v.local_bytes} shared {v.shared_bytes} "
+                f"({v.seconds:.1f} s) {v.constexprs}")
+
+    torch.manual_seed(0)
+    validate = fastwm.get_validate_args()
+    fastwm.set_validate_args(False)  # the outputs of a compile-only launch hold no values
+    try:
+        with _compile_only(arch, record), fastwm.backend("triton"):
+            for name, thunk in _scenarios(dtypes, cells, sizes):
+                current[0] = name
+                if log is not None:
+                    log(name)
+                try:
+                    thunk()
+                except Exception as exc:  # noqa: BLE001 - every failure is reported, none stops the others
+                    failures.append((name, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
+                    if log is not None:
+                        log(f"  FAILED {failures[-1][1]}")
+    finally:
+        fastwm.set_validate_args(validate)
+    return variants, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100 / H200)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=CELLS)
+    parser.add_argument("--sizes", nargs="+", default=["/".join(map(str, s)) for s in SIZES],
+                        help="stoch/deter/hidden triples (default: %(default)s)")
+    parser.add_argument("--json", default=None, help="write the variants and failures here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    sizes = tuple(tuple(int(x) for x in s.split("/")) for s in args.sizes)
+    variants, failures = compile_all(args.arch, tuple(args.dtypes), tuple(args.cells), sizes,
+                                     log=None if args.quiet else print)
+    spilling = [v for v in variants if v.local_bytes]
+    print(f"sm_{args.arch}: {len(variants)} kernel variants compiled in {time.perf_counter() - start:.0f} s, "
+          f"{len(failures)} scenario(s) failed, {len(spilling)} variant(s) use local memory (spills)")
+    for name, err in failures:
+        print(f"FAILED {name}: {err}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": args.arch, "variants": [asdict(v) for v in variants],
+                       "failures": [{"scenario": s, "error": e} for s, e in failures]}, f, indent=1)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
