@@ -1,18 +1,25 @@
-"""The whole of ``RSSM.observe`` in two launches: a forward time loop and a reverse-time backward loop.
+"""The whole of ``RSSM.observe`` in two time loops, one forward and one reverse, each one launch.
 
 The posterior sample at step t feeds the cell at step t + 1, so the cell, the posterior head and the sample sit inside
 one time loop: each program owns ``BLOCK_M`` sequences and runs the posterior step (:func:`_step_fwd_body` of
 ``fastwm.kernels.rssm``) for t = 0 .. T - 1, applying the ``is_first`` resets on the fly. Everything is time-major
 ([T, B, ...]) so that step t's slice is a contiguous [B, ...] block.
 
-What does not depend on the recurrence is hoisted out of the loop: the action part of the input layer and the
-embedding part of the posterior's first layer (E x Hd, the largest product of a Dreamer step) are one matrix product
-each over all T x B rows before the loop (the loop adds the recurrent part to them), and their input gradients one
-product each after the backward loop.
+What does not depend on the recurrence is hoisted out of the loop:
 
-The backward walks t = T - 1 .. 0 with :func:`_step_bwd_body`, carrying the gradients with respect to the next step's
-input state (stoch, deter) back, and writes every layer's pre-activation gradient for every (t, b): the weight
-gradients are then a few matrix products over all T x B rows (``fastwm.observe``), deterministic, no atomics.
+* before it, the action part of the input layer and the embedding part of the posterior's first layer (E x Hd, the
+  largest product of a Dreamer step): one matrix product each over all T x B rows, which the loop adds the recurrent
+  part to;
+* after it, the prior head, its std and sample, and KL(q || p): one launch over all T x B rows
+  (``_observe_prior_kernel``), as DreamerV3 computes the prior during training.
+
+Per step the loop then runs the input layer's stoch part, the cell and the posterior head only.
+
+The backward mirrors this: one launch over all T x B rows first (``_observe_prior_bwd_kernel``: the KL's and the prior
+head's backward), then the reverse loop t = T - 1 .. 0 with :func:`_step_bwd_body`, carrying the gradients with
+respect to the next step's input state (stoch, deter) back and writing every layer's pre-activation gradient for every
+(t, b); then the action and embedding gradients one product each, and the weight gradients a few matrix products over
+all T x B rows (``fastwm.observe``), deterministic, no atomics.
 
 Seeded noise: step t's posterior draws with seed[0] + t, its prior sample with seed[1] + t
 (``fastwm.reference.philox_normal(seed + t, (B, S))``).
@@ -31,6 +38,14 @@ from .rssm import (
     BLOCK_N,
     NUM_WARPS,
     _block_s,
+    _copy_rows,
+    _gauss_bwd,
+    _gauss_fwd,
+    _head_bwd,
+    _head_fwd,
+    _head_input,
+    _kl_bwd,
+    _kl_fwd,
     _load_seeds,
     _prec,
     _step_bwd_body,
@@ -132,11 +147,80 @@ def _observe_fwd_kernel(
 
 
 @triton.jit
+def _observe_prior_kernel(
+    hs, x_act, np_ptr, seed_ptr,  # [T, B, D] deter (X), [T, B, Hd] saved input layer output (C), noise, seeds
+    w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,  # the prior head
+    zp, pm, ps, kl,  # out [T, B, S] x 3 (X), [T, B] (fp32 / fp64)
+    p_pre, p_rstd, p_y, p_raw, q_raw,  # saved [T, B, ...] (C); q_raw: the posterior's, written by the time loop
+    B, S, D, HD,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr,
+    MIN_STD: tl.constexpr, EPS: tl.constexpr, HAS_B_P1: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # After the time loop, over all T x B rows at once (one program per row block and step): the prior head, its
+    # std and sample (seed[1] + t, as inside the loop) and KL(q || p). Nothing here feeds the recurrence.
+    pid = tl.program_id(0).to(tl.int64)
+    n_blocks = tl.cdiv(B, BLOCK_M)
+    t = pid // n_blocks
+    rows = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < B
+    _, p_seed = _load_seeds(seed_ptr, 1, NOISE_P, True)
+    hin, DH = _head_input(hs + t * B * D, x_act + t * B * HD, D, HD, CELL)
+    o2 = t * B * 2 * S
+    _head_fwd(p_raw + o2, hin, DH, hin, 0, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2, p_pre + t * B * HD, p_rstd + t * B,
+              p_y + t * B * HD, S, HD, rows, rmask, False, False, HAS_B_P1, ACT, NORM, EPS, COMPUTE, PREC,
+              BLOCK_M, BLOCK_N, BLOCK_K)
+    o = t * B * S
+    _gauss_fwd(p_raw + o2, S, np_ptr + o, S, p_seed + t, zp + o, S, pm + o, ps + o, S, q_raw + o2, kl, rows, rmask,
+               NOISE_P, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, True)
+    _kl_fwd(q_raw + o2, p_raw + o2, S, kl + t * B, rows, rmask, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
+
+
+@triton.jit
+def _observe_prior_bwd_kernel(
+    hs_grad, np_ptr, seed_ptr,  # [T, B, D] the upstream grad of deter (C; absent for cell "none"), noise, seeds
+    w_p1, nw_p1, nb_p1, w_p2,  # the prior head
+    p_pre, p_rstd, p_raw, q_raw,  # saved by the forward
+    g_zp, g_pm, g_ps, g_kl,  # upstream grads [T, B, S] x 3, [T, B]
+    d_qraw, d_praw, d_py, d_ppre, d_pv, g_head,  # out [T, B, 2S] x 2, [T, B, Hd] x 3, [T, B, D'] (C)
+    B, S, D, HD,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr,
+    MIN_STD: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # Before the reverse loop, over all T x B rows at once: the KL's gradients (the posterior's share, before its
+    # std transform, into d_qraw for the loop to add), the prior sample's and the prior head's backward, and
+    # g_head = (deter's upstream grad) + (the prior head's grad at its input): what the loop starts each step from.
+    pid = tl.program_id(0).to(tl.int64)
+    n_blocks = tl.cdiv(B, BLOCK_M)
+    t = pid // n_blocks
+    rows = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < B
+    _, p_seed = _load_seeds(seed_ptr, 1, NOISE_P, True)
+    o, o2, oh = t * B * S, t * B * 2 * S, t * B * HD
+    _kl_bwd(q_raw + o2, p_raw + o2, S, g_kl + t * B, d_qraw + o2, d_praw + o2, rows, rmask, STD_MODE, MIN_STD,
+            COMPUTE, BLOCK_M, BLOCK_S)
+    tl.debug_barrier()
+    _gauss_bwd(p_raw + o2, S, np_ptr + o, p_seed + t, g_zp + o, g_pm + o, g_ps + o, d_praw + o2, p_raw, g_kl,
+               d_praw + o2, rows, rmask, NOISE_P, False, True, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
+    tl.debug_barrier()
+    if CELL == 2:
+        DH = HD
+    else:
+        DH = D
+    _copy_rows(g_head + t * B * DH, hs_grad + t * B * DH, DH, rows, rmask, CELL != 2, COMPUTE, BLOCK_M, BLOCK_N)
+    tl.debug_barrier()
+    _head_bwd(d_praw + o2, d_py + oh, d_ppre + oh, d_pv + oh, g_head + t * B * DH, DH, DH, w_p1, nw_p1, nb_p1, w_p2,
+              p_pre + oh, p_rstd + t * B, S, HD, rows, rmask, ACT, NORM, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
 def _observe_bwd_kernel(
     emb_ptr, first_ptr, nq_ptr, np_ptr, seed_ptr,  # as in the forward
     w_in, nw_in, nb_in, w_c1, w_c2, nw_c, nb_c, w_p1, nw_p1, nb_p1, w_p2, w_q1, nw_q1, nb_q1, w_q2,
     z_in, h_in, a_in, x_pre, x_rstd, c_save, c_rstd, p_pre, p_rstd, p_raw, q_pre, q_rstd, q_raw,  # saved
-    g_hs, g_zp, g_pm, g_ps, g_zq, g_qm, g_qs, g_kl,  # upstream grads [T, B, ...] of the forward's outputs
+    g_head, g_zp, g_pm, g_ps, g_zq, g_qm, g_qs, g_kl,  # g_head [T, B, D'] from _observe_prior_bwd_kernel; upstream
     d_z0, d_h0,  # out [B, S], [B, D] (C): grads of the state before step 0
     d_a, d_e,  # out [T, B, A], [T, B, E] (C): grads of a_in (the caller zeroes the reset steps) and of embed
     d_xpre, d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv,  # out [T, B, ...] (C) per-step pre-act grads
@@ -160,14 +244,18 @@ def _observe_bwd_kernel(
         if i == 0:
             ones = tl.full([BLOCK_M], 1.0, COMPUTE)
             if HAS_D:
-                _keep_copy(g_h_tot, g_hs + t * B * D, D, ones, rows, rmask, True, BLOCK_M, BLOCK_N)
+                _keep_copy(g_h_tot, g_head + t * B * D, D, ones, rows, rmask, True, BLOCK_M, BLOCK_N)
             _keep_copy(g_zq_tot, g_zq + t * B * S, S, ones, rows, rmask, True, BLOCK_M, BLOCK_N)
         else:
             keep_next = _keep_of(first_ptr + (t + 1) * B, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
             if HAS_D:
-                _add_keep(g_h_tot, g_hs + t * B * D, carry_h, D, keep_next, rows, rmask, BLOCK_M, BLOCK_N)
+                _add_keep(g_h_tot, g_head + t * B * D, carry_h, D, keep_next, rows, rmask, BLOCK_M, BLOCK_N)
             _add_keep(g_zq_tot, g_zq + t * B * S, carry_z, S, keep_next, rows, rmask, BLOCK_M, BLOCK_N)
         tl.debug_barrier()
+        if HAS_D:
+            g_h = g_h_tot
+        else:
+            g_h = g_head + t * B * HD
         _step_bwd_body(
             z_in + t * B * S, a_in + t * B * A, h_in + t * B * D, emb_ptr + t * B * E,
             nq_ptr + t * B * S, np_ptr + t * B * S, q_seed + t, p_seed + t,
@@ -175,7 +263,7 @@ def _observe_bwd_kernel(
             x_pre + t * B * HD, x_rstd + t * B, c_save + t * B * C_W, c_rstd + t * B,
             p_pre + t * B * HD, p_rstd + t * B, p_raw + t * B * 2 * S, q_pre + t * B * HD, q_rstd + t * B,
             q_raw + t * B * 2 * S,
-            g_h_tot, g_zp + t * B * S, g_pm + t * B * S, g_ps + t * B * S, g_zq_tot, g_qm + t * B * S,
+            g_h, g_zp + t * B * S, g_pm + t * B * S, g_ps + t * B * S, g_zq_tot, g_qm + t * B * S,
             g_qs + t * B * S, g_kl + t * B,
             carry_z, d_a + t * B * A, carry_h, d_e + t * B * E,
             d_xpre + t * B * HD, d_xv + t * B * HD, d_x, d_c1 + t * B * 3 * D, d_c2 + t * B * 3 * D, d_hin,
@@ -212,8 +300,9 @@ def observe_fwd(
     norm: bool, std_mode: int, min_std: float, eps: float, update_bias: float = -1.0,
 ) -> tuple[torch.Tensor, ...]:
     """The fused observe on time-major contiguous inputs: action [T, B, A], embed [T, B, E], first [T, B] int8 or
-    None, noise / prior_noise [T, B, S] or None (then seed[0] + t / seed[1] + t), seed [2] int64. Returns the 8 outputs [T, B, ...] (deter,
-    prior stoch / mean / std, posterior stoch / mean / std, kl) and the 16 saved buffers."""
+    None, noise / prior_noise [T, B, S] or None (then seed[0] + t / seed[1] + t), seed [2] int64. Returns the 8
+    outputs [T, B, ...] (deter, prior stoch / mean / std, posterior stoch / mean / std, kl) and the 16 saved
+    buffers."""
     (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
      w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = w
     t_len, bsz, a_dim = action.shape
@@ -262,6 +351,17 @@ def observe_fwd(
         COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
     )
+    # After the loop, over all T x B rows: the prior head, its sample and the KL.
+    hs, zp, pm, ps, kl = outs[0], outs[1], outs[2], outs[3], outs[7]
+    x_act, p_pre, p_rstd, p_y, p_raw, q_raw = saved[5], saved[8], saved[9], saved[10], saved[11], saved[15]
+    _observe_prior_kernel[(t_len * triton.cdiv(bsz, BLOCK_M),)](
+        p(hs), x_act, p(prior_noise), seed, w_p1, p(b_p1), p(nw_p1), p(nb_p1), w_p2, b_p2, zp, pm, ps, kl,
+        p_pre, p(p_rstd), p_y, p_raw, q_raw, bsz, s, d, hd,
+        CELL=cell, ACT=act, NORM=norm, NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode,
+        MIN_STD=float(min_std), EPS=float(eps), HAS_B_P1=b_p1 is not None,
+        COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+    )
     return outs + saved
 
 
@@ -299,17 +399,31 @@ def observe_bwd(
         def p(t: torch.Tensor | None) -> torch.Tensor:
             return x if t is None or t.numel() == 0 else t
 
-        scratch = (buf((bsz, d), cell != 2), buf((bsz, s)), buf((bsz, d), cell != 2), buf((bsz, s)),
-                   buf((bsz, hd)), buf((bsz, dh_in)), buf((bsz, hd)), buf((bsz, hd)))
         (z_in, h_in, a_in, x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw, q_pre, q_rstd, q_y,
          q_raw) = saved
+        d_praw, d_ppre, d_pv, d_qraw = per_step[4], per_step[5], per_step[6], per_step[7]
+        # Before the loop, over all T x B rows: the KL's and the prior head's backward. g_head: the gradient at the
+        # heads' input (deter, or x for cell "none") but the posterior head's share, which the loop adds.
+        g_head, d_py = buf((t_len, bsz, dh_in)), buf((t_len, bsz, hd))
+        _observe_prior_bwd_kernel[(t_len * triton.cdiv(bsz, BLOCK_M),)](
+            p(grads[0]), p(prior_noise), seed, w_p1, p(nw_p1), p(nb_p1), w_p2, p_pre, p(p_rstd), p_raw, q_raw,
+            grads[1], grads[2], grads[3], grads[7], d_qraw, d_praw, d_py, d_ppre, p(d_pv), g_head, bsz, s, d, hd,
+            CELL=cell, ACT=act, NORM=norm, NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode,
+            MIN_STD=float(min_std), COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+        )
+        del d_py
+        d_qy = buf((bsz, hd))
+        # scratch; the loop's d_py (the prior head's, unused there) shares d_qy
+        scratch = (buf((bsz, d), cell != 2), buf((bsz, s)), buf((bsz, d), cell != 2), buf((bsz, s)),
+                   buf((bsz, hd)), buf((bsz, dh_in)), d_qy, d_qy)
         _observe_bwd_kernel[(triton.cdiv(bsz, BLOCK_M),)](
             embed, p(first), p(noise), p(prior_noise), seed,
             w_in, p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(nw_c), p(nb_c), w_p1, p(nw_p1), p(nb_p1), w_p2,
             w_q1, p(nw_q1), p(nb_q1), w_q2,
             z_in, p(h_in), a_in, x_pre, p(x_rstd), p(c_save), p(c_rstd), p_pre, p(p_rstd), p_raw, q_pre, p(q_rstd),
             q_raw,
-            *(p(g) for g in grads),
+            g_head, *(p(g) for g in grads[1:]),
             d_z0, p(d_h0), d_a, d_e, *(p(t) for t in per_step), *(p(t) for t in scratch),
             bsz, t_len, s, a_dim, d, e_dim, hd, widths[6],
             CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,

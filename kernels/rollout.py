@@ -150,7 +150,7 @@ def _rollout_kernel(
                    w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2,
                    b_p2, x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw,
                    S, A, D, HD, rows, rmask, CELL, ACT, NORM, NOISE, STD_MODE, MIN_STD, EPS, UPDATE_BIAS,
-                   HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, False, WRITE_STATE, False,
+                   HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, False, WRITE_STATE, False, True,
                    COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S)
         tl.debug_barrier()
         if WRITE_STATE:

@@ -382,6 +382,43 @@ def _lngru_bwd(g_ptr, h_ptr, D, nw_ptr, nb_ptr, xhat_ptr, rstd_ptr, dpv_ptr, dpa
 
 
 @triton.jit
+def _kl_term(mean, std, pm, ps):
+    # KL(N(mean, std) || N(pm, ps)) per element.
+    d = mean - pm
+    return tl.log(ps / std) + 0.5 * (std * std + d * d) / (ps * ps) - 0.5
+
+
+@triton.jit
+def _kl_term_grad(mean, std, pm, ps, g):
+    # g x the gradients of _kl_term: (d mean, d std, d ps); d pm = -d mean.
+    d = mean - pm
+    inv_ps = 1.0 / ps
+    inv_vp = inv_ps * inv_ps
+    return g * d * inv_vp, g * (std * inv_vp - 1.0 / std), g * (inv_ps - (std * std + d * d) * inv_vp * inv_ps)
+
+
+@triton.jit
+def _kl_bwd(raw_ptr, praw_ptr, S, gkl_ptr, draw_ptr, dpraw_ptr, rows, rmask, STD_MODE: tl.constexpr,
+            MIN_STD: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    # The gradients of kl [B] = KL(q || p) with respect to q's (mean, std) into draw [B, 2S] and p's into dpraw
+    # (before the std transform's chain rule: _gauss_bwd with ACC_IN adds them and applies it).
+    gkl = tl.load(gkl_ptr + rows, mask=rmask, other=0.0).to(COMPUTE)
+    for chunk in range(0, tl.cdiv(S, BLOCK_S)):
+        cols = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = rmask[:, None] & (cols < S)[None, :]
+        roffs = rows[:, None] * (2 * S) + cols[None, :]
+        mean = tl.load(raw_ptr + roffs, mask=mask, other=0.0)
+        std = _std_from_raw(tl.load(raw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
+        pm = tl.load(praw_ptr + roffs, mask=mask, other=0.0)
+        ps = _std_from_raw(tl.load(praw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
+        dm_q, ds_q, ds_p = _kl_term_grad(mean, std, pm, ps, gkl[:, None])
+        tl.store(draw_ptr + roffs, dm_q, mask=mask)
+        tl.store(draw_ptr + roffs + S, ds_q, mask=mask)
+        tl.store(dpraw_ptr + roffs, -dm_q, mask=mask)
+        tl.store(dpraw_ptr + roffs + S, ds_p, mask=mask)
+
+
+@triton.jit
 def _gauss_fwd(raw_ptr, S, noise_ptr, ldn, seed, z_ptr, ldz, m_ptr, s_ptr, ldo, praw_ptr, kl_ptr, rows, rmask,
                NOISE: tl.constexpr, HAS_KL: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
                COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, STORE_MS: tl.constexpr):
@@ -409,11 +446,26 @@ def _gauss_fwd(raw_ptr, S, noise_ptr, ldn, seed, z_ptr, ldz, m_ptr, s_ptr, ldo, 
         if HAS_KL:
             pm = tl.load(praw_ptr + roffs, mask=mask, other=0.0)
             ps = _std_from_raw(tl.load(praw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
-            d = mean - pm
-            term = tl.log(ps / std) + 0.5 * (std * std + d * d) / (ps * ps) - 0.5
-            kl += tl.sum(tl.where(mask, term, 0.0), axis=1)
+            kl += tl.sum(tl.where(mask, _kl_term(mean, std, pm, ps), 0.0), axis=1)
     if HAS_KL:
         tl.store(kl_ptr + rows, kl.to(kl_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _kl_fwd(raw_ptr, praw_ptr, S, kl_ptr, rows, rmask, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
+            COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    # kl [B] = KL(q || p) summed over S, from the raw [B, 2S] (C) of q (raw) and p (praw).
+    kl = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    for chunk in range(0, tl.cdiv(S, BLOCK_S)):
+        cols = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = rmask[:, None] & (cols < S)[None, :]
+        roffs = rows[:, None] * (2 * S) + cols[None, :]
+        mean = tl.load(raw_ptr + roffs, mask=mask, other=0.0)
+        std = _std_from_raw(tl.load(raw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
+        pm = tl.load(praw_ptr + roffs, mask=mask, other=0.0)
+        ps = _std_from_raw(tl.load(praw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
+        kl += tl.sum(tl.where(mask, _kl_term(mean, std, pm, ps), 0.0), axis=1)
+    tl.store(kl_ptr + rows, kl.to(kl_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
@@ -450,15 +502,11 @@ def _gauss_bwd(raw_ptr, S, noise_ptr, seed, gz_ptr, gm_ptr, gs_ptr, draw_ptr, pr
         if HAS_KL:
             pm = tl.load(praw_ptr + roffs, mask=mask, other=0.0)
             ps = _std_from_raw(tl.load(praw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
-            d = mean - pm
-            inv_ps = 1.0 / ps
-            inv_vp = inv_ps * inv_ps
-            g = gkl[:, None]
-            dm_kl = g * d * inv_vp
-            d_mean += dm_kl
-            d_std += g * (std * inv_vp - 1.0 / std)
-            tl.store(dpraw_ptr + roffs, -dm_kl, mask=mask)
-            tl.store(dpraw_ptr + roffs + S, g * (inv_ps - (std * std + d * d) * inv_vp * inv_ps), mask=mask)
+            dm_q, ds_q, ds_p = _kl_term_grad(mean, std, pm, ps, gkl[:, None])
+            d_mean += dm_q
+            d_std += ds_q
+            tl.store(dpraw_ptr + roffs, -dm_q, mask=mask)
+            tl.store(dpraw_ptr + roffs + S, ds_p, mask=mask)
         tl.store(draw_ptr + roffs, d_mean, mask=mask)
         tl.store(draw_ptr + roffs + S, d_std * _std_from_raw_grad(raw, MIN_STD, STD_MODE), mask=mask)
 
@@ -466,6 +514,53 @@ def _gauss_bwd(raw_ptr, S, noise_ptr, seed, gz_ptr, gm_ptr, gs_ptr, draw_ptr, pr
 # --------------------------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _head_input(hout, x_act, D, HD, CELL: tl.constexpr):
+    # What the prior and posterior heads read, and its width: h' (deter), or x itself when there is no cell.
+    if CELL == 2:
+        hin = x_act
+        DH = HD
+    else:
+        hin = hout
+        DH = D
+    return hin, DH
+
+
+@triton.jit
+def _head_fwd(raw, hin, DH, e_ptr, E, w1, b1, nw1, nb1, w2, b2, pre, rstd, y, S, HD, rows, rmask,
+              HAS_E: tl.constexpr, ACC: tl.constexpr, HAS_B1: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
+              EPS: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A Gaussian head up to its raw output: pre = [hin | e] @ W1.T (+ b1) (W1 [Hd, DH (+ E)]; HAS_E: the posterior
+    # reads the embedding too; ACC: pre already holds the hoisted embedding product), y = act([LN] pre),
+    # raw [B, 2S] = y @ W2.T + b2.
+    LD1 = DH + E
+    _linear(pre, HD, hin, DH, DH, e_ptr, E, E, w1, LD1, 1, HD, b1, rows, rmask,
+            HAS_E, HAS_B1, ACC, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    _norm_act_fwd(pre, y, HD, nw1, nb1, rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
+    tl.debug_barrier()
+    _linear(raw, 2 * S, y, HD, HD, y, HD, 0, w2, HD, 1, 2 * S, b2, rows, rmask,
+            False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _head_bwd(d_raw, d_y, d_pre, d_v, d_hin, DH, LD1, w1, nw1, nb1, w2, pre, rstd, S, HD, rows, rmask,
+              ACT: tl.constexpr, NORM: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The backward of _head_fwd from d raw [B, 2S]: d y = d raw @ W2, d pre (and d v, the LayerNorm output's, with
+    # NORM), and d_hin [B, DH] += d pre @ W1[:, :DH] (W1's row length LD1). The embedding's share is the caller's.
+    _linear(d_y, HD, d_raw, 2 * S, 2 * S, d_raw, 0, 0, w2, 1, HD, HD, w2, rows, rmask,
+            False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    _norm_act_bwd(d_y, pre, HD, nw1, nb1, rstd, d_pre, d_v, rows, rmask, ACT, NORM, COMPUTE, BLOCK_M, BLOCK_N)
+    tl.debug_barrier()
+    _linear(d_hin, DH, d_pre, HD, HD, d_pre, 0, 0, w1, 1, LD1, DH, w1, rows, rmask,
+            False, False, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -479,13 +574,13 @@ def _prior_fwd(
     CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, NOISE: tl.constexpr, STD_MODE: tl.constexpr,
     MIN_STD: tl.constexpr, EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr,
     HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_P1: tl.constexpr,
-    SAVE_GATES: tl.constexpr, STORE_MS: tl.constexpr, HOISTED: tl.constexpr,
+    SAVE_GATES: tl.constexpr, STORE_MS: tl.constexpr, HOISTED: tl.constexpr, HEAD: tl.constexpr,
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # The prior step for rows [rows]: input layer on [z, a], the cell, the prior head, std and sample. Shared by
-    # the step kernels (which save the GRU gates for the backward) and the rollout kernel (which does not).
-    # HOISTED: x_pre already holds a @ W_in[:, S:].T (one product over all rows before a time loop); only the
+    # The prior step for rows [rows]: input layer on [z, a], the cell, then (HEAD) the prior head, std and sample.
+    # Shared by the step kernels (which save the GRU gates for the backward) and the rollout kernel (which does
+    # not). HOISTED: x_pre already holds a @ W_in[:, S:].T (one product over all rows before a time loop); only the
     # z part and the bias are added here.
     if HOISTED:
         _linear(x_pre, HD, z_ptr, S, S, z_ptr, 0, 0, w_in, S + A, 1, HD, b_in, rows, rmask,
@@ -504,22 +599,12 @@ def _prior_fwd(
         _lngru_fwd(x_act, HD, HD, h_ptr, D, w_c1, nw_c, nb_c, c_save, c_rstd, hout, rows, rmask,
                    EPS, UPDATE_BIAS, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
-    if CELL == 2:
-        hin = x_act
-        DH = HD
-    else:
-        hin = hout
-        DH = D
-    _linear(p_pre, HD, hin, DH, DH, hin, DH, 0, w_p1, DH, 1, HD, b_p1, rows, rmask,
-            False, HAS_B_P1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.debug_barrier()
-    _norm_act_fwd(p_pre, p_y, HD, nw_p1, nb_p1, p_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
-    tl.debug_barrier()
-    _linear(p_raw, 2 * S, p_y, HD, HD, p_y, HD, 0, w_p2, HD, 1, 2 * S, b_p2, rows, rmask,
-            False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.debug_barrier()
-    _gauss_fwd(p_raw, S, noise_ptr, ldn, seed, z_out, ldz, m_out, s_out, ldo, p_raw, p_raw, rows, rmask,
-               NOISE, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, STORE_MS)
+    if HEAD:
+        hin, DH = _head_input(hout, x_act, D, HD, CELL)
+        _head_fwd(p_raw, hin, DH, hin, 0, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2, p_pre, p_rstd, p_y, S, HD, rows,
+                  rmask, False, False, HAS_B_P1, ACT, NORM, EPS, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        _gauss_fwd(p_raw, S, noise_ptr, ldn, seed, z_out, ldz, m_out, s_out, ldo, p_raw, p_raw, rows, rmask,
+                   NOISE, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, STORE_MS)
 
 
 @triton.jit
@@ -547,34 +632,21 @@ def _step_fwd_body(
 ):
     # One RSSM step for rows [rows] (the prior step, or the posterior step with POST); see _step_fwd_kernel.
     # HOISTED (observe's time loop): x_pre and q_pre arrive holding the action and embedding products
-    # a @ W_in[:, S:].T and e @ W_q1[:, D':].T, computed for all T x B rows before the loop; e_ptr is unused.
+    # a @ W_in[:, S:].T and e @ W_q1[:, D':].T, computed for all T x B rows before the loop (e_ptr is unused), and
+    # the prior head, its sample and the KL are left out: they do not feed the recurrence, so observe runs them
+    # over all T x B rows after the loop.
     _prior_fwd(z_ptr, a_ptr, A, h_ptr, np_ptr, S, p_seed, hout, zp_out, S, pm_out, ps_out, S,
                w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
                x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw,
                S, A, D, HD, rows, rmask, CELL, ACT, NORM, NOISE_P, STD_MODE, MIN_STD, EPS, UPDATE_BIAS,
-               HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, True, True, HOISTED,
+               HAS_B_IN, HAS_B_C1, HAS_B_C2, HAS_B_P1, True, True, HOISTED, not HOISTED,
                COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S)
-    if CELL == 2:
-        hin = x_act
-        DH = HD
-    else:
-        hin = hout
-        DH = D
     if POST:
-        if HOISTED:
-            _linear(q_pre, HD, hin, DH, DH, hin, 0, 0, w_q1, DH + E, 1, HD, b_q1, rows, rmask,
-                    False, HAS_B_Q1, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            _linear(q_pre, HD, hin, DH, DH, e_ptr, E, E, w_q1, DH + E, 1, HD, b_q1, rows, rmask,
-                    True, HAS_B_Q1, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()
-        _norm_act_fwd(q_pre, q_y, HD, nw_q1, nb_q1, q_rstd, rows, rmask, ACT, NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
-        tl.debug_barrier()
-        _linear(q_raw, 2 * S, q_y, HD, HD, q_y, HD, 0, w_q2, HD, 1, 2 * S, b_q2, rows, rmask,
-                False, True, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()
+        hin, DH = _head_input(hout, x_act, D, HD, CELL)
+        _head_fwd(q_raw, hin, DH, e_ptr, E, w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2, q_pre, q_rstd, q_y, S, HD, rows,
+                  rmask, not HOISTED, HOISTED, HAS_B_Q1, ACT, NORM, EPS, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         _gauss_fwd(q_raw, S, nq_ptr, S, q_seed, zq_out, S, qm_out, qs_out, S, p_raw, kl_out, rows, rmask,
-                   NOISE_Q, True, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, True)
+                   NOISE_Q, not HOISTED, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, True)
 
 
 @triton.jit
@@ -644,41 +716,31 @@ def _step_bwd_body(
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # The backward of one RSSM step for rows [rows]; see _step_bwd_kernel. HOISTED: d_a and d_e are not written
-    # here (the caller takes them from d_xpre and d_qpre as one product over all rows after the time loop).
+    # The backward of one RSSM step for rows [rows]; see _step_bwd_kernel. HOISTED (observe's reverse loop): d_a and
+    # d_e are not written (the caller takes them from d_xpre and d_qpre as one product over all rows after the
+    # loop), and the prior head and the KL were done before the loop over all rows: g_h then holds the whole
+    # gradient at the heads' input but the posterior head's share (for cell "none" too: the prior head's share),
+    # and d_qraw the KL's gradient with respect to the posterior's (mean, std).
     if CELL == 2:
         DH = HD
     else:
         DH = D
-    _copy_rows(d_hin, g_h, DH, rows, rmask, CELL != 2, COMPUTE, BLOCK_M, BLOCK_N)
+    _copy_rows(d_hin, g_h, DH, rows, rmask, (CELL != 2) or HOISTED, COMPUTE, BLOCK_M, BLOCK_N)
     if POST:
         _gauss_bwd(q_raw, S, nq_ptr, q_seed, g_zq, g_qm, g_qs, d_qraw, p_raw, g_kl, d_praw, rows, rmask,
-                   NOISE_Q, True, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
+                   NOISE_Q, not HOISTED, HOISTED, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
         tl.debug_barrier()
-        # d q_y = d q_raw @ W_q2 (W_q2 [2S, Hd] read transposed)
-        _linear(d_qy, HD, d_qraw, 2 * S, 2 * S, d_qraw, 0, 0, w_q2, 1, HD, HD, w_q2, rows, rmask,
-                False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.debug_barrier()
-        _norm_act_bwd(d_qy, q_pre, HD, nw_q1, nb_q1, q_rstd, d_qpre, d_qv, rows, rmask, ACT, NORM, COMPUTE,
-                      BLOCK_M, BLOCK_N)
-        tl.debug_barrier()
-        _linear(d_hin, DH, d_qpre, HD, HD, d_qpre, 0, 0, w_q1, 1, DH + E, DH, w_q1, rows, rmask,
-                False, False, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        _head_bwd(d_qraw, d_qy, d_qpre, d_qv, d_hin, DH, DH + E, w_q1, nw_q1, nb_q1, w_q2, q_pre, q_rstd, S, HD,
+                  rows, rmask, ACT, NORM, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         if not HOISTED:
             _linear(d_e, E, d_qpre, HD, HD, d_qpre, 0, 0, w_q1 + DH, 1, DH + E, E, w_q1, rows, rmask,
                     False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    _gauss_bwd(p_raw, S, np_ptr, p_seed, g_zp, g_pm, g_ps, d_praw, p_raw, g_kl, d_praw, rows, rmask,
-               NOISE_P, False, POST, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
-    tl.debug_barrier()
-    _linear(d_py, HD, d_praw, 2 * S, 2 * S, d_praw, 0, 0, w_p2, 1, HD, HD, w_p2, rows, rmask,
-            False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.debug_barrier()
-    _norm_act_bwd(d_py, p_pre, HD, nw_p1, nb_p1, p_rstd, d_ppre, d_pv, rows, rmask, ACT, NORM, COMPUTE,
-                  BLOCK_M, BLOCK_N)
-    tl.debug_barrier()
-    _linear(d_hin, DH, d_ppre, HD, HD, d_ppre, 0, 0, w_p1, 1, DH, DH, w_p1, rows, rmask,
-            False, False, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    tl.debug_barrier()
+    if not HOISTED:
+        _gauss_bwd(p_raw, S, np_ptr, p_seed, g_zp, g_pm, g_ps, d_praw, p_raw, g_kl, d_praw, rows, rmask,
+                   NOISE_P, False, POST, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
+        tl.debug_barrier()
+        _head_bwd(d_praw, d_py, d_ppre, d_pv, d_hin, DH, DH, w_p1, nw_p1, nb_p1, w_p2, p_pre, p_rstd, S, HD,
+                  rows, rmask, ACT, NORM, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     if CELL == 0:
         _gru_bwd(d_hin, h_ptr, c_save, d_c1, d_c2, d_h, D, rows, rmask, COMPUTE, BLOCK_M, BLOCK_N)
         tl.debug_barrier()
