@@ -45,7 +45,8 @@ class CompiledVariant:
     constexprs: str
     num_warps: int
     registers: int | None
-    local_bytes: int | None  # per thread: register spills (and stack arrays); 0 is the goal
+    local_bytes: int | None  # per thread: local memory, i.e. register spills (0 is the goal)
+    stack_bytes: int | None  # per thread: the call stack
     shared_bytes: int
     seconds: float
 
@@ -121,7 +122,7 @@ def _compile_only(arch: int, record: Callable[[str, object, float], None]) -> It
         driver._active = previous
 
 
-def _resources(cubin: bytes, tool: str) -> tuple[int | None, int | None]:
+def _resources(cubin: bytes, tool: str) -> tuple[int | None, int | None, int | None]:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
@@ -131,8 +132,8 @@ def _resources(cubin: bytes, tool: str) -> tuple[int | None, int | None]:
         os.unlink(path)
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)", out)
     if m is None:
-        return None, None
-    return int(m.group(1)), int(m.group(2)) + int(m.group(3))
+        return None, None, None
+    return int(m.group(1)), int(m.group(3)), int(m.group(2))
 
 
 def _scenarios(dtypes: tuple[str, ...], cells: tuple[str, ...],
@@ -212,12 +213,12 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = DTYPES, cells: tuple[s
     current = [""]
 
     def record(name: str, kernel, seconds: float) -> None:
-        regs, local = _resources(kernel.asm["cubin"], tool) if os.path.exists(tool) else (None, None)
+        regs, local, stack = _resources(kernel.asm["cubin"], tool) if os.path.exists(tool) else (None, None, None)
         variants.append(CompiledVariant(name, current[0], _constexpr_summary(kernel), kernel.metadata.num_warps,
-                                        regs, local, kernel.metadata.shared, round(seconds, 2)))
+                                        regs, local, stack, kernel.metadata.shared, round(seconds, 2)))
         if log is not None:
             v = variants[-1]
-            log(f"  {name:28s} regs {v.registers} local {v.local_bytes} shared {v.shared_bytes} "
+            log(f"  {name:28s} regs {v.registers} local {v.local_bytes} stack {v.stack_bytes} shared {v.shared_bytes} "
                 f"({v.seconds:.1f} s) {v.constexprs}")
 
     torch.manual_seed(0)

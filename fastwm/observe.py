@@ -9,13 +9,16 @@ Triton backend.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from . import reference
-from .step_ops import _ACT_IDS, _CELL_IDS, _STD_IDS, _UPDATE_BIAS, _cdt, _present, weight_grads
+from .step_ops import _ACT_IDS, _CELL_IDS, _STD_IDS, _UPDATE_BIAS, _cdt, _present, _step_op, weight_grads
+from .step_ops import _N_OUT as _N_STEP_OUT
 
-__all__ = ["fused_observe"]
+__all__ = ["fused_observe", "saved_bytes"]
 
 _N_OUT = 8
 _N_SAVED = 16
@@ -30,14 +33,14 @@ def _kernels():
 _OBS_SCHEMA = (
     "(Tensor stoch0, Tensor deter0, Tensor action, Tensor embed, Tensor? first, Tensor? noise, Tensor? prior_noise, "
     "Tensor seed, "
-    "Tensor[] weights, int cell, int act, bool norm, int std_mode, float min_std, float eps) -> ("
+    "Tensor[] weights, int cell, int act, bool norm, int std_mode, float min_std, float eps, bool recompute) -> ("
     + ", ".join(["Tensor"] * (_N_OUT + _N_SAVED)) + ")"
 )
 
 
 @torch.library.custom_op("fastwm::rssm_observe", mutates_args=(), schema=_OBS_SCHEMA)
 def _observe_op(stoch0, deter0, action, embed, first, noise, prior_noise, seed, weights, cell, act, norm, std_mode,
-                min_std, eps):
+                min_std, eps, recompute):
     return _kernels().observe_fwd(
         stoch0.contiguous(), deter0.contiguous(), action.contiguous(), embed.contiguous(),
         None if first is None else first.contiguous(), None if noise is None else noise.contiguous(),
@@ -57,7 +60,8 @@ def _saved_shapes(t_len: int, b: int, cell: int, norm: bool, s: int, a: int, d: 
 
 
 @_observe_op.register_fake
-def _(stoch0, deter0, action, embed, first, noise, prior_noise, seed, weights, cell, act, norm, std_mode, min_std, eps):
+def _(stoch0, deter0, action, embed, first, noise, prior_noise, seed, weights, cell, act, norm, std_mode, min_std, eps,
+      recompute):
     t_len, b, a = action.shape
     s, d, hd = stoch0.shape[1], deter0.shape[1], weights[0].shape[0]
     dt, cdt = stoch0.dtype, _cdt(stoch0.dtype)
@@ -103,20 +107,46 @@ def _(stoch0, deter0, embed, first, noise, prior_noise, seed, weights, saved, gr
 
 
 def _setup_context(ctx, inputs, output):
-    stoch0, deter0, action, embed, first, noise, prior_noise, seed, weights, cell, act, norm, std_mode, min_std, eps = \
-        inputs
-    ctx.save_for_backward(stoch0, deter0, embed, first, noise, prior_noise, seed, output[0], *weights,
-                          *output[_N_OUT:])
+    (stoch0, deter0, action, embed, first, noise, prior_noise, seed, weights, cell, act, norm, std_mode, min_std, eps,
+     recompute) = inputs
+    # h_in (each step's input deter) is not kept: it is the deter output shifted by one step, reset where is_first.
+    # recompute: only z_in and a_in besides.
+    z_in, _, a_in, *step_saved = output[_N_OUT:]
+    saved = (z_in, a_in) if recompute else (z_in, a_in, *step_saved)
+    ctx.save_for_backward(stoch0, deter0, embed, first, noise, prior_noise, seed, output[0], *weights, *saved)
     ctx.n_weights = len(weights)
-    ctx.config = (cell, act, norm, std_mode, min_std)
+    ctx.config = (cell, act, norm, std_mode, min_std, eps)
     ctx.set_materialize_grads(False)
+
+
+def _recompute_saved(z_in: Tensor, h_in: Tensor, a_in: Tensor, embed: Tensor, seed: Tensor, weights: list[Tensor],
+                     cell: int, act: int, norm: bool, std_mode: int, min_std: float, eps: float) -> list[Tensor]:
+    """The 13 per-step buffers of the time loop, rebuilt from each step's saved input state: with (z_in, h_in, a_in)
+    known for every (t, b), the steps no longer depend on one another, so this is ONE posterior-step launch over all
+    T x B rows, no time loop. Its samples are thrown away (the backward regenerates the noise from the seed)."""
+    t_len, b = embed.shape[:2]
+    rows = t_len * b
+    d = h_in.shape[-1] if h_in.numel() else 0  # cell "none" has no deter
+    step = _step_op(z_in.reshape(rows, -1), a_in.reshape(rows, -1), h_in.reshape(rows, d), embed.reshape(rows, -1),
+                    None, None, seed, weights, cell, act, norm, True, std_mode, min_std, eps)
+    return [t.view(t_len, b, *t.shape[1:]) if t.numel() else t for t in step[_N_STEP_OUT:]]
 
 
 def _backward(ctx, *grads):
     n_w = ctx.n_weights
     stoch0, deter0, embed, first, noise, prior_noise, seed, hs, *rest = ctx.saved_tensors
     weights, saved = rest[:n_w], rest[n_w:]
-    cell, act, norm, std_mode, min_std = ctx.config
+    cell, act, norm, std_mode, min_std, eps = ctx.config
+    z_in, a_in, *step_saved = saved
+    h_in = hs
+    if cell != 2:  # the kernel's own _keep_copy: keep * state, exact in every dtype
+        h_in = torch.cat([deter0[None], hs[:-1]])
+        if first is not None:
+            h_in = h_in * (first == 0).to(h_in.dtype)[..., None]
+    if not step_saved:  # recompute
+        step_saved = _recompute_saved(z_in, h_in, a_in, embed, seed, list(weights), cell, act, norm, std_mode, min_std,
+                                      eps)
+    saved = [z_in, h_in, a_in, *step_saved]
     t_len, b, _ = embed.shape
     s, d = stoch0.shape[1], deter0.shape[1]
     shapes = [(t_len, b, d) if cell != 2 else (0,)] + [(t_len, b, s)] * 6 + [(t_len, b)]
@@ -129,7 +159,6 @@ def _backward(ctx, *grads):
     d_z0, d_h0, d_a, d_e, *d_pre = _observe_backward_op(stoch0, deter0, embed, first, noise, prior_noise, seed,
                                                           list(weights), list(saved), g_list, cell, act, norm,
                                                           std_mode, min_std)
-    z_in, h_in, a_in, *step_saved = saved
     rows = t_len * b
 
     def flat(t: Tensor) -> Tensor:
@@ -141,18 +170,36 @@ def _backward(ctx, *grads):
     if first is not None:
         d_a = d_a * (first == 0).to(d_a.dtype)[..., None]  # a reset step's action was zeroed: no gradient
     return (d_z0.to(dt), d_h0.to(dt) if cell != 2 else None, d_a.to(dt), d_e.to(dt), None, None, None, None, gw,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _observe_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def saved_bytes(rssm, *, recompute: bool = False) -> int:
+    """Bytes the fused :meth:`fastwm.RSSM.observe` keeps for its backward per row-step (one sequence at one step),
+    beyond the inputs and the outputs the caller holds: the deter output in time-major order (the backward
+    rebuilds each step's input deter from it), each step's input stoch and action (z_in, a_in), all in the
+    parameters' dtype, and, without ``recompute``, every layer's
+    pre-activation, activation, LayerNorm 1/std, GRU gates and both heads' raw outputs (in the compute dtype:
+    float32, or float64 for float64). With ``recompute`` the backward rebuilds the latter from the former in one
+    launch over all rows. (Per call, not per row-step, it also keeps the 16-byte seed and, with ``is_first``, one
+    byte per row-step for the reset flags.)"""
+    cfg, w = rssm.config, rssm.inp.weight
+    cell, s, a, d, hd = _CELL_IDS[cfg.cell], rssm.stoch, rssm.action_dim, rssm.deter, rssm.hidden
+    shapes = _saved_shapes(1, 1, cell, bool(cfg.norm), s, a, d, hd)
+    sizes = [w.element_size()] * 3 + [torch.empty(0, dtype=_cdt(w.dtype)).element_size()] * (_N_SAVED - 3)
+    kept = (0, 2) if recompute else (0, *range(2, _N_SAVED))  # h_in is rebuilt from the deter output
+    return d * w.element_size() + sum(math.prod(shapes[i]) * sizes[i] for i in kept if shapes[i] != (0,))
+
+
 def fused_observe(cfg: reference.StepConfig, w: reference.StepWeights, stoch0: Tensor, deter0: Tensor,
                   embed: Tensor, action: Tensor, is_first: Tensor | None, noise: Tensor | None,
-                  prior_noise: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+                  prior_noise: Tensor | None, generator: torch.Generator | None,
+                  recompute: bool = False) -> tuple[Tensor, ...]:
     """observe on batch-first inputs embed [B, T, E], action [B, T, A], is_first [B, T] (bool) or None, noise and
     prior_noise [B, T, S] or None -> batch-first contiguous (deter, post stoch, mean, std, prior stoch, mean, std,
-    kl [B, T])."""
+    kl [B, T]). ``recompute``: keep only each step's input state for the backward (see :func:`saved_bytes`)."""
     device = stoch0.device if generator is None else generator.device
     seed = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, generator=generator).to(stoch0.device)
     weights = [stoch0.new_empty(0) if t is None else t for t in w]
@@ -160,7 +207,8 @@ def fused_observe(cfg: reference.StepConfig, w: reference.StepWeights, stoch0: T
     out = _observe_op(stoch0, deter0, action.transpose(0, 1), embed.transpose(0, 1), first,
                       None if noise is None else noise.transpose(0, 1),
                       None if prior_noise is None else prior_noise.transpose(0, 1), seed, weights, _CELL_IDS[cfg.cell],
-                      _ACT_IDS[cfg.act], bool(cfg.norm), _STD_IDS[cfg.std_mode], float(cfg.min_std), float(cfg.eps))
+                      _ACT_IDS[cfg.act], bool(cfg.norm), _STD_IDS[cfg.std_mode], float(cfg.min_std), float(cfg.eps),
+                      bool(recompute))
     hs, zp, pm, ps, zq, qm, qs, kl = out[:_N_OUT]
     b, t_len = embed.shape[:2]
     deter = hs.transpose(0, 1).contiguous() if cfg.cell != "none" else deter0.new_zeros(b, t_len, 0)

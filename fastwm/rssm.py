@@ -276,8 +276,8 @@ class RSSM(nn.Module):
 
     def observe(self, embed: Tensor, action: Tensor, is_first: Tensor | None = None, state: State | None = None,
                 noise: Tensor | None = None, *, prior_noise: Tensor | None = None,
-                generator: torch.Generator | None = None,
-                return_kl: bool = False) -> tuple[State, State] | tuple[State, State, Tensor]:
+                generator: torch.Generator | None = None, return_kl: bool = False,
+                recompute: bool = False) -> tuple[State, State] | tuple[State, State, Tensor]:
         """Filter a sequence: embed [B, T, E], action [B, T, A] -> (post, prior), States with [B, T, ...] fields.
 
         ``is_first`` [B, T] (bool) resets a row to :meth:`initial` before step t and zeroes its action there, as
@@ -285,8 +285,13 @@ class RSSM(nn.Module):
         [B, T, S] is the posterior's noise and ``prior_noise`` the prior samples' (drawn when None). With
         ``return_kl``, also KL(post || prior) [B, T].
 
-        On the Triton backend the whole sequence is one forward launch and one reverse-time backward launch
-        (:mod:`fastwm.observe`); on the reference backend it loops :meth:`obs_step`."""
+        On the Triton backend the whole sequence is one forward time loop and one reverse-time backward loop
+        (:mod:`fastwm.observe`); on the reference backend it loops :meth:`obs_step`. ``recompute`` (Triton backend)
+        keeps only each step's input state for the backward and rebuilds the rest there in one launch over all
+        B x T rows: less memory held between forward and backward (:func:`fastwm.observe.saved_bytes`), for one more
+        parallel launch in the backward."""
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
         if not isinstance(embed, Tensor) or embed.dim() != 3:
             raise ValueError(f"embed must have shape [B, T, {self.embed_dim}], got "
                              f"{list(embed.shape) if isinstance(embed, Tensor) else type(embed).__name__}")
@@ -312,7 +317,8 @@ class RSSM(nn.Module):
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
         if use_triton(embed) and t_len > 0:
             deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, self.weights(), state.stoch, state.deter,
-                                                              embed, action, is_first, noise, prior_noise, generator)
+                                                              embed, action, is_first, noise, prior_noise, generator,
+                                                              recompute)
             post_s, prior_s = State(deter, qz, qm, qs), State(deter, pz, pm, ps)
             return (post_s, prior_s, kl) if return_kl else (post_s, prior_s)
         posts, priors, kls = [], [], []

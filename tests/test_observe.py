@@ -48,11 +48,11 @@ def _inputs(m: fastwm.RSSM, b: int, t: int, seed: int):
     return start, embed, action, first, noise, prior_noise
 
 
-def _run(m, backend, start, embed, action, first, noise, prior_noise, upstream_seed=1):
+def _run(m, backend, start, embed, action, first, noise, prior_noise, upstream_seed=1, recompute=False):
     leaves = [t.clone().requires_grad_() for t in (start.deter, start.stoch, embed, action)]
     with fastwm.backend(backend):
         post, prior, kl = m.observe(leaves[2], leaves[3], first, fastwm.State(leaves[0], leaves[1], start.mean,
-                                    start.std), noise, prior_noise=prior_noise, return_kl=True)
+                                    start.std), noise, prior_noise=prior_noise, return_kl=True, recompute=recompute)
     outs = [*post, *prior, kl]
     g = torch.Generator().manual_seed(upstream_seed)
     # random upstream gradients, some of them with odd strides
@@ -71,13 +71,14 @@ OUT_NAMES = ["post.deter", "post.stoch", "post.mean", "post.std", "prior.deter",
              "prior.std", "kl"]
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
-def test_observe_matches_float64_reference(device, dtype, cfg, poison):
+def test_observe_matches_float64_reference(device, dtype, cfg, recompute, poison):
     m = _model(device, dtype, **cfg)
     m64 = copy.deepcopy(m).double()
     b, t = 19, 4  # 19 sequences: two row blocks, the last one partial
     start, embed, action, first, noise, prior_noise = _inputs(m, b, t, seed=2)
-    outs, grads = _run(m, "triton", start, embed, action, first, noise, prior_noise)
+    outs, grads = _run(m, "triton", start, embed, action, first, noise, prior_noise, recompute=recompute)
     as64 = [x.double() for x in (embed, action, noise, prior_noise)]
     outs64, grads64 = _run(m64, "reference", fastwm.State(*(x.double() for x in start)), as64[0], as64[1], first,
                            as64[2], as64[3])
@@ -166,3 +167,26 @@ def test_observe_op_compiles_fullgraph(device):
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_observe_keeps_the_documented_bytes_per_row_step(device, cfg, recompute):
+    from fastwm.benchmarks.saved_memory import measure_saved_bytes
+    from fastwm.observe import saved_bytes
+
+    m = _model(device, torch.float32, **cfg)
+    b, t = 6, 3
+    _, embed, action, *_ = _inputs(m, b, t, seed=8)
+    got = measure_saved_bytes(m, embed, action, backend="triton", recompute=recompute)
+    assert got == b * t * saved_bytes(m, recompute=recompute) + 16  # + the two int64 seeds
+    if not recompute:
+        eager = measure_saved_bytes(m, embed, action, backend="reference")
+        assert got < eager, (got, eager)
+
+
+def test_observe_recompute_must_be_a_bool(device):
+    m = _model(device, torch.float32)
+    _, embed, action, *_ = _inputs(m, 2, 2, seed=9)
+    with pytest.raises(TypeError, match="recompute must be a bool"):
+        m.observe(embed, action, recompute=1)
