@@ -173,6 +173,7 @@ def test_observe_op_compiles_fullgraph(device):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 def test_observe_keeps_the_documented_bytes_per_row_step(device, cfg, recompute):
     from fastwm.benchmarks.saved_memory import measure_saved_bytes
+
     from fastwm.observe import saved_bytes
 
     m = _model(device, torch.float32, **cfg)
