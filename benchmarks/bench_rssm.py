@@ -21,7 +21,11 @@ A case is (benchmark, mode, provider, size, dtype, device):
     PyTorch's whole-network capture recipe (static inputs, three warm-up calls on a side stream, ``torch.cuda.graph``);
     the backward is captured with ``torch.autograd.grad`` as ``torch.cuda.make_graphed_callables`` does; cuda only;
   - ``"fastwm"``: the RSSM under ``fastwm.backend("triton")``, the fused kernels (cuda; on the CPU only under the
-    Triton interpreter, far too slow to time, so the harness skips it there).
+    Triton interpreter, far too slow to time, so the harness skips it there);
+  - observe only (:data:`OBSERVE_ONLY`): ``"fused-steps"``, the per-step fused kernels (``obs_step`` on the Triton
+    backend in a Python loop over T, what fastwm offered before the fused time loop) captured in a CUDA graph like
+    "graphed", the baseline the fused time loop must beat (cuda only); ``"recompute"``, fastwm's observe with
+    ``recompute=True`` (less memory kept for the backward, one more launch in it).
 
 * size: an :class:`RSSMSize`; :data:`SIZES` holds the PlaNet / Dreamer V1 sizes (deter 200, stoch 30, hidden 200,
   GRUCell, ELU, softplus std, B x T = 50 x 50) and the dreamerv3-torch sizes (deter 512, stoch 32 Gaussian, hidden 512,
@@ -50,9 +54,12 @@ from torch import Tensor
 import fastwm
 from fastwm import State
 from fastwm._backend import interpreter_enabled, triton_available
+from fastwm.rssm import stack_states
 
 __all__ = [
+    "BASELINES",
     "BENCHMARKS",
+    "OBSERVE_ONLY",
     "COMPILE_MODES",
     "DTYPES",
     "MODES",
@@ -74,7 +81,9 @@ __all__ = [
 
 BENCHMARKS = ("img_step", "obs_step", "observe")
 MODES = ("fwd", "fwd_bwd")
-PROVIDERS = ("eager", "compiled", "graphed", "fastwm")
+PROVIDERS = ("eager", "compiled", "graphed", "fastwm", "fused-steps", "recompute")
+OBSERVE_ONLY = ("fused-steps", "recompute")  # providers of the observe benchmark only
+BASELINES = ("eager", "compiled", "graphed", "fused-steps")  # what fastwm is compared with
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "reduce-overhead", "default")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GRAPH_WARMUP = 3  # eager calls on a side stream before capture (PyTorch's recipe uses 3; DDP needs 11, not used here)
@@ -188,6 +197,8 @@ def _check(benchmark: str, mode: str | None = None, provider: str | None = None)
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if provider is not None and provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if provider in OBSERVE_ONLY and benchmark != "observe":
+        raise ValueError(f"provider {provider!r} times the observe benchmark only, got {benchmark!r}")
 
 
 def _step_ops_present() -> bool:
@@ -208,9 +219,9 @@ def provider_unavailable(provider: str, device: torch.device | str, dtype: torch
         if device.type == "cuda" and not triton_available():
             return "torch.compile on cuda generates Triton kernels: install triton"
         return None
+    if provider in ("graphed", "fused-steps") and device.type != "cuda":
+        return "CUDA graphs need a cuda device"
     if provider == "graphed":
-        if device.type != "cuda":
-            return "CUDA graphs need a cuda device"
         return None
     if not triton_available():
         return "fastwm needs the triton package (pip install 'fastwm[triton]')"
@@ -293,7 +304,7 @@ class _Inputs:
             widths += [size.stoch, size.stoch, size.stoch]  # prior stoch, mean, std (its deter is post's)
         self.loss_weights = [randn(*self.lead, w) for w in widths]
 
-    def forward(self, model: fastwm.RSSM) -> tuple[Tensor, ...]:
+    def forward(self, model: fastwm.RSSM, provider: str = "eager") -> tuple[Tensor, ...]:
         x = self.tensors
         if self.benchmark == "img_step":
             state = State(x["deter"], x["stoch"], self.mean, self.std)
@@ -301,8 +312,15 @@ class _Inputs:
         if self.benchmark == "obs_step":
             state = State(x["deter"], x["stoch"], self.mean, self.std)
             post, prior = model.obs_step(state, x["action"], x["embed"], self.noise, prior_noise=self.prior_noise)
+        elif provider == "fused-steps":  # one obs_step per t, as a user's loop over the step kernels
+            state, posts, priors = model.initial(x["embed"].shape[0]), [], []
+            for t in range(x["embed"].shape[1]):
+                state, prior = model.obs_step(state, x["action"][:, t], x["embed"][:, t], self.noise[:, t])
+                posts.append(state)
+                priors.append(prior)
+            post, prior = stack_states(posts), stack_states(priors)
         else:
-            post, prior = model.observe(x["embed"], x["action"], noise=self.noise)
+            post, prior = model.observe(x["embed"], x["action"], noise=self.noise, recompute=provider == "recompute")
         return (*post, prior.stoch, prior.mean, prior.std)
 
     def loss(self, outputs: Sequence[Tensor]) -> Tensor:
@@ -372,22 +390,23 @@ def build_case(
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
     device = torch.device(device)
-    if provider == "graphed" and device.type != "cuda":
-        raise ValueError("the graphed provider needs a cuda device")
+    graphed = provider in ("graphed", "fused-steps")
+    if graphed and device.type != "cuda":
+        raise ValueError(f"the {provider} provider needs a cuda device")
     model = _model(size, dtype, device, seed)
     inputs = _Inputs(benchmark, size, dtype, device, seed)
-    backend_name = "triton" if provider == "fastwm" else "reference"
+    backend_name = "triton" if provider in ("fastwm", "fused-steps", "recompute") else "reference"
 
     if mode == "fwd":
 
         def raw() -> object:
-            return inputs.forward(model)
+            return inputs.forward(model, provider)
 
     else:
         leaves = _parameters(model, benchmark) + [t.requires_grad_() for t in inputs.tensors.values()]
 
         def raw() -> object:
-            return inputs.loss(inputs.forward(model))
+            return inputs.loss(inputs.forward(model, provider))
 
     used_mode = None
     step_begin = None
@@ -410,7 +429,7 @@ def build_case(
         def body() -> object:
             return torch.autograd.grad(inner(), leaves)
 
-    if provider == "graphed":
+    if graphed:
         with fastwm.backend(backend_name):
             fn, peak = _graph(body, device)
         return BenchCase(benchmark, mode, provider, size, dtype, device, fn, None, peak)

@@ -14,6 +14,7 @@ import torch
 from .bench_rssm import (
     BENCHMARKS,
     MODES,
+    OBSERVE_ONLY,
     SIZES,
     build_case,
     case_id,
@@ -22,14 +23,16 @@ from .bench_rssm import (
     size_for,
     steps_per_call,
 )
+from .bench_rssm import PROVIDERS as ALL_PROVIDERS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
 QUICK = not ON_CUDA
 DTYPE = torch.float32
-PROVIDERS = ("eager", "compiled", "graphed", "fastwm") if ON_CUDA else ("eager", "fastwm")
+PROVIDERS = ALL_PROVIDERS if ON_CUDA else ("eager", "fastwm", "recompute")
 
-CASES = [(b, mode, provider, size) for b in BENCHMARKS for mode in MODES for size in SIZES for provider in PROVIDERS]
+CASES = [(b, mode, provider, size) for b in BENCHMARKS for mode in MODES for size in SIZES for provider in PROVIDERS
+         if provider not in OBSERVE_ONLY or b == "observe"]
 
 
 @pytest.mark.parametrize(
