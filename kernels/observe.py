@@ -37,6 +37,7 @@ from .rssm import (
     BLOCK_M,
     BLOCK_N,
     NUM_WARPS,
+    NUM_WARPS_STEP,
     _block_s,
     _copy_rows,
     _gauss_bwd,
@@ -349,7 +350,7 @@ def observe_fwd(
         HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_P1=b_p1 is not None,
         HAS_B_Q1=b_q1 is not None,
         COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+        BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
     )
     # After the loop, over all T x B rows: the prior head, its sample and the KL.
     hs, zp, pm, ps, kl = outs[0], outs[1], outs[2], outs[3], outs[7]
@@ -430,7 +431,7 @@ def observe_bwd(
             NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode, MIN_STD=float(min_std),
             UPDATE_BIAS=float(update_bias),
             COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+            BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
         )
         # The input gradients of the hoisted products, one product each over all T x B rows.
         torch.matmul(per_step[0].view(-1, hd), w_in[:, s:].to(cdt), out=d_a.view(-1, a_dim))

@@ -24,7 +24,7 @@ from .gaussian import _compute_dtype, empty
 from .rssm import (
     BLOCK_K,
     BLOCK_N,
-    NUM_WARPS,
+    NUM_WARPS_STEP,
     _block_s,
     _linear,
     _norm_act_fwd,
@@ -262,6 +262,6 @@ def rollout_fwd(
         REWARD=0 if reward is None else (2 if reward_sum else 1), REWARD_LAYERS=rew_layers, REWARD_ACT=rew_act,
         REWARD_OUT_ACT=rew_out, WRITE_STATE=write_state, WRITE_FEAT=write_feat,
         COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+        BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
     )
     return out

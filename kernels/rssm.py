@@ -857,7 +857,12 @@ def _lngru_cell_bwd_kernel(g_ptr, h_ptr, w_ptr, nw_ptr, nb_ptr, xhat_ptr, rstd_p
 
 BLOCK_N = 64
 BLOCK_K = 32
-NUM_WARPS = 4
+NUM_WARPS = 4  # the cell kernels and observe's launches over all T x B rows
+# The whole-step kernels, observe's two time loops and the rollout: 8 warps. Compiled for sm_90 (benchmarks.aot,
+# dreamerv3 sizes 32/512/512), 4 warps left these kernels at the 255-register cap with up to ~270 bytes of spills per
+# thread (bf16 observe backward, rollout); 8 warps hold them at 200-255 registers with no more than 24. Not yet timed
+# on a GPU: the first GPU session should time 4 against 8.
+NUM_WARPS_STEP = 8
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -937,7 +942,7 @@ def step_fwd(
         HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None,
         HAS_B_P1=b_p1 is not None, HAS_B_Q1=b_q1 is not None,
         COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+        BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
     )
     return outs + saved
 
@@ -991,7 +996,7 @@ def step_bwd(
             NOISE_Q=1 if q_noise is not None else 2, NOISE_P=1 if p_noise is not None else 2,
             STD_MODE=std_mode, MIN_STD=float(min_std), UPDATE_BIAS=float(update_bias),
             COMPUTE=_compute_dtype(z.dtype), PREC=_prec(z.dtype, z.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
+            BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
         )
     return (d_z, d_a, d_h, d_e, d_xpre, d_xv, d_x, d_c1, d_c2, d_hin, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv)
 
