@@ -148,6 +148,18 @@ def _observe_fwd_kernel(
 
 
 @triton.jit
+def _step_row_block(B, seed_ptr, NOISE_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    # A launch over all T x B rows, one program per (step, block of BLOCK_M rows): (t, rows, row mask, the prior's
+    # seed of step 0).
+    pid = tl.program_id(0).to(tl.int64)
+    n_blocks = tl.cdiv(B, BLOCK_M)
+    t = pid // n_blocks
+    rows = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    _, p_seed = _load_seeds(seed_ptr, 1, NOISE_P, True)
+    return t, rows, rows < B, p_seed
+
+
+@triton.jit
 def _observe_prior_kernel(
     hs, x_act, np_ptr, seed_ptr,  # [T, B, D] deter (X), [T, B, Hd] saved input layer output (C), noise, seeds
     w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,  # the prior head
@@ -161,12 +173,7 @@ def _observe_prior_kernel(
 ):
     # After the time loop, over all T x B rows at once (one program per row block and step): the prior head, its
     # std and sample (seed[1] + t, as inside the loop) and KL(q || p). Nothing here feeds the recurrence.
-    pid = tl.program_id(0).to(tl.int64)
-    n_blocks = tl.cdiv(B, BLOCK_M)
-    t = pid // n_blocks
-    rows = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rmask = rows < B
-    _, p_seed = _load_seeds(seed_ptr, 1, NOISE_P, True)
+    t, rows, rmask, p_seed = _step_row_block(B, seed_ptr, NOISE_P, BLOCK_M)
     hin, DH = _head_input(hs + t * B * D, x_act + t * B * HD, D, HD, CELL)
     o2 = t * B * 2 * S
     _head_fwd(p_raw + o2, hin, DH, hin, 0, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2, p_pre + t * B * HD, p_rstd + t * B,
@@ -193,12 +200,7 @@ def _observe_prior_bwd_kernel(
     # Before the reverse loop, over all T x B rows at once: the KL's gradients (the posterior's share, before its
     # std transform, into d_qraw for the loop to add), the prior sample's and the prior head's backward, and
     # g_head = (deter's upstream grad) + (the prior head's grad at its input): what the loop starts each step from.
-    pid = tl.program_id(0).to(tl.int64)
-    n_blocks = tl.cdiv(B, BLOCK_M)
-    t = pid // n_blocks
-    rows = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rmask = rows < B
-    _, p_seed = _load_seeds(seed_ptr, 1, NOISE_P, True)
+    t, rows, rmask, p_seed = _step_row_block(B, seed_ptr, NOISE_P, BLOCK_M)
     o, o2, oh = t * B * S, t * B * 2 * S, t * B * HD
     _kl_bwd(q_raw + o2, p_raw + o2, S, g_kl + t * B, d_qraw + o2, d_praw + o2, rows, rmask, STD_MODE, MIN_STD,
             COMPUTE, BLOCK_M, BLOCK_S)

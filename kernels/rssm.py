@@ -398,19 +398,28 @@ def _kl_term_grad(mean, std, pm, ps, g):
 
 
 @triton.jit
+def _kl_operands(raw_ptr, praw_ptr, S, chunk, rows, rmask, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
+                 BLOCK_S: tl.constexpr):
+    # Chunk ``chunk`` of q's and p's (mean, std) from their raw [B, 2S] (C), with its offsets into raw and its mask.
+    cols = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = rmask[:, None] & (cols < S)[None, :]
+    roffs = rows[:, None] * (2 * S) + cols[None, :]
+    mean = tl.load(raw_ptr + roffs, mask=mask, other=0.0)
+    std = _std_from_raw(tl.load(raw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
+    pm = tl.load(praw_ptr + roffs, mask=mask, other=0.0)
+    ps = _std_from_raw(tl.load(praw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
+    return mean, std, pm, ps, roffs, mask
+
+
+@triton.jit
 def _kl_bwd(raw_ptr, praw_ptr, S, gkl_ptr, draw_ptr, dpraw_ptr, rows, rmask, STD_MODE: tl.constexpr,
             MIN_STD: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     # The gradients of kl [B] = KL(q || p) with respect to q's (mean, std) into draw [B, 2S] and p's into dpraw
     # (before the std transform's chain rule: _gauss_bwd with ACC_IN adds them and applies it).
     gkl = tl.load(gkl_ptr + rows, mask=rmask, other=0.0).to(COMPUTE)
     for chunk in range(0, tl.cdiv(S, BLOCK_S)):
-        cols = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-        mask = rmask[:, None] & (cols < S)[None, :]
-        roffs = rows[:, None] * (2 * S) + cols[None, :]
-        mean = tl.load(raw_ptr + roffs, mask=mask, other=0.0)
-        std = _std_from_raw(tl.load(raw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
-        pm = tl.load(praw_ptr + roffs, mask=mask, other=0.0)
-        ps = _std_from_raw(tl.load(praw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
+        mean, std, pm, ps, roffs, mask = _kl_operands(raw_ptr, praw_ptr, S, chunk, rows, rmask, STD_MODE, MIN_STD,
+                                                      BLOCK_S)
         dm_q, ds_q, ds_p = _kl_term_grad(mean, std, pm, ps, gkl[:, None])
         tl.store(draw_ptr + roffs, dm_q, mask=mask)
         tl.store(draw_ptr + roffs + S, ds_q, mask=mask)
@@ -457,13 +466,8 @@ def _kl_fwd(raw_ptr, praw_ptr, S, kl_ptr, rows, rmask, STD_MODE: tl.constexpr, M
     # kl [B] = KL(q || p) summed over S, from the raw [B, 2S] (C) of q (raw) and p (praw).
     kl = tl.zeros([BLOCK_M], dtype=COMPUTE)
     for chunk in range(0, tl.cdiv(S, BLOCK_S)):
-        cols = chunk * BLOCK_S + tl.arange(0, BLOCK_S)
-        mask = rmask[:, None] & (cols < S)[None, :]
-        roffs = rows[:, None] * (2 * S) + cols[None, :]
-        mean = tl.load(raw_ptr + roffs, mask=mask, other=0.0)
-        std = _std_from_raw(tl.load(raw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
-        pm = tl.load(praw_ptr + roffs, mask=mask, other=0.0)
-        ps = _std_from_raw(tl.load(praw_ptr + roffs + S, mask=mask, other=0.0), MIN_STD, STD_MODE)
+        mean, std, pm, ps, _, mask = _kl_operands(raw_ptr, praw_ptr, S, chunk, rows, rmask, STD_MODE, MIN_STD,
+                                                  BLOCK_S)
         kl += tl.sum(tl.where(mask, _kl_term(mean, std, pm, ps), 0.0), axis=1)
     tl.store(kl_ptr + rows, kl.to(kl_ptr.dtype.element_ty), mask=rmask)
 
