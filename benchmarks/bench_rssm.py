@@ -54,9 +54,11 @@ from torch import Tensor
 import fastwm
 from fastwm import State
 from fastwm._backend import interpreter_enabled, triton_available
+from fastwm.observe import saved_bytes
 from fastwm.rssm import stack_states
 
 __all__ = [
+    "ANCHOR_US_PER_STEP",
     "BASELINES",
     "BENCHMARKS",
     "OBSERVE_ONLY",
@@ -82,6 +84,9 @@ __all__ = [
 BENCHMARKS = ("img_step", "obs_step", "observe")
 MODES = ("fwd", "fwd_bwd")
 PROVIDERS = ("eager", "compiled", "graphed", "fastwm", "fused-steps", "recompute")
+# performance.md's anchor for the training recurrence: the best recurrent kernels known (cuDNN LSTM, FlashRNN) take
+# about 2 us per step forward and 5 us forward+backward at batch 16, hidden 768, on an H100.
+ANCHOR_US_PER_STEP = {"fwd": 2.0, "fwd_bwd": 5.0}
 OBSERVE_ONLY = ("fused-steps", "recompute")  # providers of the observe benchmark only
 BASELINES = ("eager", "compiled", "graphed", "fused-steps")  # what fastwm is compared with
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "reduce-overhead", "default")
@@ -171,6 +176,18 @@ def flop_per_row_step(size: RSSMSize, benchmark: str, mode: str = "fwd") -> int:
     _check(benchmark, mode)
     fwd = 2 * params_on_path(size, benchmark)
     return fwd if mode == "fwd" else 3 * fwd
+
+
+def saved_bytes_per_row_step(size: RSSMSize, dtype: torch.dtype, benchmark: str, mode: str,
+                             provider: str) -> int | None:
+    """What fastwm's observe keeps for its backward per row-step (:func:`fastwm.observe.saved_bytes`), on the rows of
+    the fastwm and recompute providers in fwd_bwd; None elsewhere (``python -m benchmarks.saved_memory`` measures
+    the eager reference's)."""
+    if benchmark != "observe" or mode != "fwd_bwd" or provider not in ("fastwm", "recompute"):
+        return None
+    with torch.device("meta"):
+        model = fastwm.RSSM(**size.model_kwargs(), dtype=dtype)
+    return saved_bytes(model, recompute=provider == "recompute")
 
 
 def row_steps(size: RSSMSize, benchmark: str) -> int:

@@ -773,12 +773,15 @@ _RSSM_ROW_KEYS = (
     "p20_ms",
     "p80_ms",
     "us_per_step",
+    "anchor_us_per_step",
     "row_steps_per_s",
     "flop_per_row_step",
     "tflops",
     "speedup_vs_eager",
     "speedup_vs_graphed",
+    "speedup_vs_fused_steps",
     "peak_mem_mb",
+    "saved_bytes_per_row_step",
     "fp32_matmul_precision",
     "device",
     "torch",
@@ -793,8 +796,10 @@ def _rssm_key(r: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _rssm_speedups(rows: list[dict[str, Any]]) -> None:
-    """speedup_vs_eager and speedup_vs_graphed: the baseline's median over the row's, where both ran in this run."""
-    for base_provider, field in (("eager", "speedup_vs_eager"), ("graphed", "speedup_vs_graphed")):
+    """speedup_vs_eager, _graphed and _fused_steps: the baseline's median over the row's, where both ran in this
+    run."""
+    for base_provider, field in (("eager", "speedup_vs_eager"), ("graphed", "speedup_vs_graphed"),
+                                 ("fused-steps", "speedup_vs_fused_steps")):
         base = {_rssm_key(r): r["median_ms"] for r in rows if r["provider"] == base_provider}
         for r in rows:
             b = base.get(_rssm_key(r))
@@ -866,6 +871,11 @@ def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, met
         f"float32 matmul precision {torch.get_float32_matmul_precision()}"
     )
     if "observe" in plan.benchmarks:
+        notes.append(
+            f"observe: anchor_us_per_step is performance.md's anchor, {bench_rssm.ANCHOR_US_PER_STEP['fwd']} us per "
+            f"step forward and {bench_rssm.ANCHOR_US_PER_STEP['fwd_bwd']} us forward+backward for the best recurrent "
+            "kernels known (cuDNN LSTM, FlashRNN) at batch 16, hidden 768, on an H100: set beside, not the same model"
+        )
         notes.append(
             "observe: every provider gets the same posterior noise; the prior's sample noise is drawn inside the call "
             "(observe takes none): by torch.randn in the reference (eager, compiled, graphed)"
@@ -956,10 +966,12 @@ def _run_rssm_case(
         "p20_ms": p20,
         "p80_ms": p80,
         "us_per_step": median * 1e3 / steps,
+        "anchor_us_per_step": bench_rssm.ANCHOR_US_PER_STEP[mode] if benchmark == "observe" else None,
         "row_steps_per_s": n_row_steps / seconds if seconds > 0 else None,
         "flop_per_row_step": flop,
         "tflops": flop * n_row_steps / seconds / 1e12 if seconds > 0 else None,
         "peak_mem_mb": peak,
+        "saved_bytes_per_row_step": bench_rssm.saved_bytes_per_row_step(size, dtype, benchmark, mode, provider),
         "fp32_matmul_precision": torch.get_float32_matmul_precision(),
     }
 
