@@ -184,9 +184,26 @@ def _rollout_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _rollout_block_m(n: int) -> int:
-    # Bigger row blocks read the weights from L2 fewer times; tl.dot needs >= 16. Untuned (no GPU measured yet).
-    return 16 if n <= 2048 else 32
+# (BLOCK_M, BLOCK_N, BLOCK_K), biggest row block first. Each program reads every weight from L2 once per step for its
+# BLOCK_M rows, so a step does about BLOCK_M multiply-adds per weight read: at 16 rows the L2 bandwidth, not the tensor
+# cores, bounds a large imagination launch; bigger blocks lift that bound as long as the grid still covers every SM.
+# The tiles are those the sm_90 compile (benchmarks.aot, bf16, 32/512/512, 8 warps) shows without register spills;
+# the closed loop (a policy MLP in the loop) spills above 32 rows. Not yet timed on a GPU.
+_OPEN_LOOP_TILES = ((128, 16, 16), (64, 32, 32), (32, 32, 32))
+_CLOSED_LOOP_TILES = ((32, 32, 32),)
+_SMALL_TILES = (16, BLOCK_N, BLOCK_K)
+
+
+def _rollout_tiles(n: int, device: torch.device, closed_loop: bool) -> tuple[int, int, int]:
+    """The row block and the product tiles of an n-row rollout: the biggest row block that still gives every SM a
+    program, else 16 rows (tl.dot needs >= 16)."""
+    if device.type != "cuda":
+        return _SMALL_TILES
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for tiles in _CLOSED_LOOP_TILES if closed_loop else _OPEN_LOOP_TILES:
+        if triton.cdiv(n, tiles[0]) >= sms:
+            return tiles
+    return _SMALL_TILES
 
 
 def rollout_fwd(
@@ -246,7 +263,7 @@ def rollout_fwd(
     scratch = [buf((2, n, s)), buf((2, n, max(d, 1))), buf((n, hd)), buf((n,)), buf((n, hd)),
                buf((n, 3 * d)) if cell == 1 else x, buf((n,)), buf((n, hd)), buf((n,)), buf((n, hd)), buf((n, 2 * s)),
                buf((n, a_dim)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, 1))]
-    block_m = _rollout_block_m(n)
+    block_m, block_n, block_k = _rollout_tiles(n, z0.device, policy is not None)
     _rollout_kernel[(triton.cdiv(n, block_m),)](
         z0, p(h0), p(actions), p(noise), p(seed),
         w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),
@@ -261,7 +278,7 @@ def rollout_fwd(
         OPEN_LOOP=policy is None, POLICY_LAYERS=pol_layers, POLICY_ACT=pol_act, POLICY_OUT_ACT=pol_out,
         REWARD=0 if reward is None else (2 if reward_sum else 1), REWARD_LAYERS=rew_layers, REWARD_ACT=rew_act,
         REWARD_OUT_ACT=rew_out, WRITE_STATE=write_state, WRITE_FEAT=write_feat,
-        COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
     )
     return out

@@ -68,6 +68,29 @@ def test_open_loop_matches_reference(device, dtype, cfg, poison):
         assert_close(a, e, dtype, f"imagine.{name}")
 
 
+@pytest.mark.parametrize("tiles", [(32, 32, 32), (64, 32, 32), (128, 16, 16)], ids=["32", "64", "128"])
+def test_bigger_row_blocks_match_reference(device, tiles, monkeypatch):
+    # Large launches take bigger row blocks (fewer L2 reads of the weights per row): the same results, partial
+    # last block included.
+    import fastwm.kernels.rollout as kernels
+
+    monkeypatch.setattr(kernels, "_rollout_tiles", lambda n, device, closed_loop: tiles)
+    block_m = tiles[0]
+    dtype = torch.float32
+    m = _model(device, dtype, cell="layernorm_gru", norm=True)
+    m64 = copy.deepcopy(m).double()
+    g = torch.Generator().manual_seed(4)
+    b, h = block_m + 5, 2
+    start = _start(m, b, g)
+    actions, noise = _randn((b, h, 3), g, device, dtype), _randn((b, h, 5), g, device, dtype)
+    with fastwm.backend("triton"), torch.no_grad():
+        out = m.imagine(actions, start, noise)
+    ref, _ = _reference_loop(m64, fastwm.State(*(t.double() for t in start)), h, actions=actions.double(),
+                             noise=noise.double())
+    for name, a, e in zip(fastwm.State._fields, out, ref):
+        assert_close(a, e, dtype, f"imagine.{name}")
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
 def test_closed_loop_policy_and_reward_in_kernel(device, dtype, cfg):
     m = _model(device, dtype, **cfg)
