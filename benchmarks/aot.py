@@ -34,8 +34,8 @@ __all__ = ["CompiledVariant", "compile_all", "main"]
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 CELLS = ("gru", "layernorm_gru", "none")
-SIZES = ((30, 200, 200), (32, 512, 512))
-SPILL_FREE_STACK = 32  # bytes per thread: the frame of a seeded (Philox) draw, present without any spill  # stoch / deter / hidden: PlaNet's and dreamerv3's (alignment differs)
+SIZES = ((30, 200, 200), (32, 512, 512))  # stoch / deter / hidden: PlaNet's and dreamerv3's (alignment differs)
+SPILL_FREE_STACK = 32  # bytes per thread: the frame of a seeded (Philox) draw, present without any spill
 
 
 @dataclass
