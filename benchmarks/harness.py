@@ -32,6 +32,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -276,7 +277,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the fastwm checkout this file lives in, or None (an installed copy, or no git)."""
+    """HEAD of the fastwm checkout this file lives in, or None (an installed copy, or no git). FASTWM_COMMIT, when
+    set, wins: a copy of the tree without its .git (a GPU machine's) names the commit it was copied from."""
+    if os.environ.get("FASTWM_COMMIT"):
+        return os.environ["FASTWM_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists() or not (root / "pyproject.toml").exists():
         return None

@@ -187,8 +187,9 @@ def _rollout_kernel(
 # (BLOCK_M, BLOCK_N, BLOCK_K), biggest row block first. Each program reads every weight from L2 once per step for its
 # BLOCK_M rows, so a step does about BLOCK_M multiply-adds per weight read: at 16 rows the L2 bandwidth, not the tensor
 # cores, bounds a large imagination launch; bigger blocks lift that bound as long as the grid still covers every SM.
-# The tiles are those the sm_90 compile (benchmarks.aot, bf16, 32/512/512, 8 warps) shows without register spills;
-# the closed loop (a policy MLP in the loop) spills above 32 rows. Not yet timed on a GPU.
+# The tiles are those the sm_90 compile (benchmarks.aot, 32/512/512, 8 warps) shows without register spills in bf16
+# (fp32, whose products run on the FMA path, spills 16-64 bytes per thread with any of them, 16 rows included); the
+# closed loop (a policy MLP in the loop) spills above 32 rows. Not yet timed on a GPU: benchmarks.tune times them.
 _OPEN_LOOP_TILES = ((128, 16, 16), (64, 32, 32), (32, 32, 32))
 _CLOSED_LOOP_TILES = ((32, 32, 32),)
 _SMALL_TILES = (16, BLOCK_N, BLOCK_K)

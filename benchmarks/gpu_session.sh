@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU session's runbook: each part fits one 10-minute command on a lent GPU machine (torch, triton, numpy,
+# pytest, pytest-xdist, matplotlib there; no registry). Results land under $OUT (default gpu_out/): copy them into
+# benchmarks/results/ with the commit they were run at.
+#
+#   FASTWM_COMMIT=<sha> bash benchmarks/gpu_session.sh PART [PART ...]
+#
+# Parts, in the order to run them:
+#   tests        pytest --device cuda over every test file (8 workers: compilation is CPU-bound)
+#   tune         benchmarks.tune: warps and rollout tiles against the defaults (fix the defaults before benching)
+#   observe      bench rssm, observe only (fwd, fwd_bwd; both sizes; fp32, bf16; every provider)
+#   steps        bench rssm, img_step and obs_step
+#   rollout      bench rollout: imagine, imagine_return, cem_decision, and the throughput plot
+#   demo         python -m fastwm demo on cuda (needs gymnasium and farama-notifications carried as wheels in .whl/:
+#                see the device tool's README for the pip download line)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR="$PWD/.triton-cache"
+py=python3
+if ! $py -c "import fastwm.kernels" 2>/dev/null; then
+  $py -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1 || {
+    cat "$OUT/install.log"; exit 1; }
+fi
+$py - <<'EOF' | tee "$OUT/versions.txt"
+import torch, triton
+print("device", torch.cuda.get_device_name(), "sms", torch.cuda.get_device_properties(0).multi_processor_count)
+print("torch", torch.__version__, "triton", triton.__version__)
+EOF
+status=0
+for part in "$@"; do
+  echo "=== $part"
+  case "$part" in
+    tests)
+      $py -m pytest tests --device cuda -q -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+    tune)
+      $py -m benchmarks.tune --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
+    observe)
+      $py -m fastwm bench --suite rssm --ops observe --out "$OUT" 2>&1 | tee "$OUT/bench_observe.log" | tail -60 ;;
+    steps)
+      $py -m fastwm bench --suite rssm --ops img_step,obs_step --out "$OUT" 2>&1 | tee "$OUT/bench_steps.log" |
+        tail -60 ;;
+    rollout)
+      $py -m fastwm bench --suite rollout --out "$OUT" 2>&1 | tee "$OUT/bench_rollout.log" | tail -60 ;;
+    demo)
+      if [ -d .whl ]; then
+        $py -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+      fi
+      $py -m fastwm demo --device cuda --out "$OUT/demo" 2>&1 | tee "$OUT/demo.log" | tail -30 ;;
+    *)
+      echo "unknown part: $part (tests, tune, observe, steps, rollout, demo)"; status=2 ;;
+  esac
+  rc=$?  # pipefail: the part's own status, not tee's or tail's
+  [ "$rc" -eq 0 ] || status=1
+done
+exit $status

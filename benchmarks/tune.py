@@ -1,0 +1,163 @@
+"""Time the kernels' launch configurations against each other in one call: what a GPU session runs first.
+
+The tile sizes and warp counts in ``fastwm.kernels`` were chosen without a GPU, from the sm_90 compile
+(``benchmarks.aot``: registers and spills). This times the alternatives on the device at hand, each case once per
+variant in the same run, and prints each variant's median beside the current default's:
+
+* observe forward+backward (dreamerv3 16 x 64 and planet 50 x 50; fp32 and bf16) with 4 and 8 warps for the time
+  loops (``NUM_WARPS_STEP``);
+* imagine (dreamerv3, H = 15, N = 2,500 and 16,384; bf16 and fp32) over the rollout's row-block and tile choices
+  and the two warp counts;
+* the CEM decision at PlaNet's settings with 4 and 8 warps.
+
+    python -m benchmarks.tune --out DIR            # DIR/tune.json: one row per (case, variant), and a table
+
+On the CPU it runs the same variants at tiny sizes under TRITON_INTERPRET=1 (a smoke test: interpreter timings say
+nothing about the GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Variant", "variants_for", "main"]
+
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A launch configuration: the warps of the fused step / loop kernels and, for the rollout, fixed tiles
+    (BLOCK_M, BLOCK_N, BLOCK_K) instead of the size-based choice. None keeps the default."""
+
+    name: str
+    num_warps_step: int | None = None
+    rollout_tiles: tuple[int, int, int] | None = None
+
+
+def variants_for(case: str) -> list[Variant]:
+    """The variants timed for a case kind ("observe", "imagine" or "cem"); the first is the current default."""
+    warps = [Variant(DEFAULT), Variant("warps4", num_warps_step=4), Variant("warps8", num_warps_step=8)]
+    if case != "imagine":
+        return warps
+    tiles = [(16, 64, 32), (32, 32, 32), (64, 32, 32), (128, 16, 16)]
+    return warps + [Variant(f"tiles{m}x{n}x{k}-w{w}", num_warps_step=w, rollout_tiles=(m, n, k))
+                    for m, n, k in tiles for w in (4, 8)]
+
+
+@contextlib.contextmanager
+def _launch_config(v: Variant) -> Iterator[None]:
+    """Set a variant's warps and tiles in the kernel modules (each imported the constants by name), then restore."""
+    from fastwm.kernels import observe, rollout, rssm
+
+    saved = [(m, "NUM_WARPS_STEP", m.NUM_WARPS_STEP) for m in (rssm, observe, rollout)]
+    saved.append((rollout, "_rollout_tiles", rollout._rollout_tiles))
+    try:
+        if v.num_warps_step is not None:
+            for m, _, _ in saved[:3]:
+                m.NUM_WARPS_STEP = v.num_warps_step
+        if v.rollout_tiles is not None:
+            rollout._rollout_tiles = lambda n, device, closed_loop, t=v.rollout_tiles: t
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+def _cases(device: torch.device, quick: bool) -> Iterator[tuple[str, str, dict[str, Any], Any]]:
+    """(kind, name, row fields, builder): builder() returns the zero-argument callable that runs the case once."""
+    from . import bench_rollout, bench_rssm
+
+    dtypes = [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float32]
+    for dtype in dtypes:
+        dn = str(dtype).removeprefix("torch.")
+        for size_name in ("dreamerv3", "planet"):
+            size = bench_rssm.size_for(size_name, quick)
+            yield ("observe", f"observe fwd_bwd {size_name} {size.B}x{size.T} {dn}",
+                   {"benchmark": "rssm_observe", "size": size_name, "B": size.B, "T": size.T, "dtype": dn},
+                   lambda size=size, dtype=dtype: bench_rssm.build_case("observe", "fwd_bwd", "fastwm", size, dtype,
+                                                                        device).fn)
+        size = bench_rssm.size_for("dreamerv3", quick)
+        for n in (bench_rollout.QUICK_N if quick else (2500, 16384)):
+            h = bench_rollout.QUICK_H[0] if quick else 15
+            yield ("imagine", f"imagine dreamerv3 N{n} H{h} {dn}",
+                   {"benchmark": "rssm_imagine", "size": "dreamerv3", "N": n, "H": h, "dtype": dn},
+                   lambda n=n, h=h, dtype=dtype, size=size: bench_rollout.build_case(
+                       "imagine", "fastwm", size, n, h, dtype, device).fn)
+    size = bench_rssm.size_for("planet", quick)
+    settings = bench_rollout.cem_settings(1, quick)
+    yield ("cem", f"cem_decision planet {settings.candidates} candidates float32",
+           {"benchmark": "cem_decision", "size": "planet", "candidates": settings.candidates, "dtype": "float32"},
+           lambda: bench_rollout.build_cem_case("fastwm", size, settings, torch.float32, device).fn)
+
+
+def run(device: torch.device, quick: bool, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Time every variant of every case; rows carry median / p20 / p80 ms and the ratio to the default's median."""
+    import fastwm
+
+    from .harness import _sync, time_fn
+
+    rows: list[dict[str, Any]] = []
+    for kind, name, fields, build in _cases(device, quick):
+        if kind not in kinds:
+            continue
+        base = None
+        for v in variants_for(kind):
+            with _launch_config(v), fastwm.backend("triton"):
+                try:
+                    fn = build()
+                    fn()  # compile and warm up outside the timing
+                    _sync(device)
+                    median, p20, p80 = time_fn(fn, device, quick)
+                except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the others go on
+                    print(f"{name:48s} {v.name:22s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                    rows.append({**fields, "case": name, "variant": v.name, "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+            if v.name == DEFAULT:
+                base = median
+            ratio = base / median if base else None
+            rows.append({**fields, "case": name, "variant": v.name, "num_warps_step": v.num_warps_step,
+                         "rollout_tiles": v.rollout_tiles, "median_ms": median, "p20_ms": p20, "p80_ms": p80,
+                         "speedup_vs_default": ratio})
+            print(f"{name:48s} {v.name:22s} {median:10.4f} ms  x{ratio:.3f} vs default" if ratio else
+                  f"{name:48s} {v.name:22s} {median:10.4f} ms", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="tune_out", help="output folder (DIR/tune.json)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--kinds", default="observe,imagine,cem", help="comma list of observe, imagine, cem")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (always on the CPU)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick or device.type == "cpu"
+    from .harness import _device_name, _git_commit, _triton_version
+
+    meta = {"device": _device_name(device), "torch": torch.__version__, "triton": _triton_version(),
+            "commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "quick": quick}
+    print(f"tune on {meta['device']} ({device}), quick={quick}")
+    rows = run(device, quick, tuple(args.kinds.split(",")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune.json").write_text(json.dumps([{**r, **meta} for r in rows], indent=1) + "\n")
+    print(f"wrote {len(rows)} rows to {out / 'tune.json'}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
