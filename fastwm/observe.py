@@ -1,10 +1,12 @@
-"""``RSSM.observe`` fused: the whole sequence in one forward launch and one reverse-time backward launch.
+"""``RSSM.observe`` fused: the whole sequence in one forward time loop and one reverse-time backward loop.
 
-The custom op ``fastwm::rssm_observe`` runs ``fastwm.kernels.observe`` on time-major [T, B, ...] tensors; its backward
+The custom op ``fastwm::rssm_observe`` runs ``fastwm.kernels.observe`` on time-major [T, B, ...] tensors (the loop,
+plus what does not depend on the recurrence batched over all T x B rows); its backward
 (``fastwm::rssm_observe_backward``) returns the gradients of the inputs and every layer's pre-activation gradient for
 all T x B row-steps, from which the weight gradients are one matrix product per parameter over all T x B rows
-(:func:`fastwm.step_ops.weight_grads`, deterministic). :meth:`fastwm.RSSM.observe` calls :func:`fused_observe` on the
-Triton backend.
+(:func:`fastwm.step_ops.weight_grads`, deterministic). With ``recompute`` the forward keeps only each step's input
+state and the backward rebuilds the rest in one step launch over all rows (:func:`saved_bytes` counts what is kept).
+:meth:`fastwm.RSSM.observe` calls :func:`fused_observe` on the Triton backend.
 """
 
 from __future__ import annotations
@@ -178,13 +180,13 @@ _observe_op.register_autograd(_backward, setup_context=_setup_context)
 
 def saved_bytes(rssm, *, recompute: bool = False) -> int:
     """Bytes the fused :meth:`fastwm.RSSM.observe` keeps for its backward per row-step (one sequence at one step),
-    beyond the inputs and the outputs the caller holds: the deter output in time-major order (the backward
-    rebuilds each step's input deter from it), each step's input stoch and action (z_in, a_in), all in the
-    parameters' dtype, and, without ``recompute``, every layer's
-    pre-activation, activation, LayerNorm 1/std, GRU gates and both heads' raw outputs (in the compute dtype:
-    float32, or float64 for float64). With ``recompute`` the backward rebuilds the latter from the former in one
-    launch over all rows. (Per call, not per row-step, it also keeps the 16-byte seed and, with ``is_first``, one
-    byte per row-step for the reset flags.)"""
+    beyond the inputs and the outputs the caller holds.
+
+    Always: the deter output in time-major order (the backward rebuilds each step's input deter from it) and each
+    step's input stoch and action, in the parameters' dtype. Without ``recompute`` also every layer's
+    pre-activation, activation and LayerNorm 1/std, the GRU gates and both heads' raw outputs, in the compute dtype
+    (float32, or float64 for float64); with it, the backward rebuilds those in one launch over all rows. Not per
+    row-step: the 16-byte seed, and with ``is_first`` one byte per row-step for the reset flags."""
     cfg, w = rssm.config, rssm.inp.weight
     cell, s, a, d, hd = _CELL_IDS[cfg.cell], rssm.stoch, rssm.action_dim, rssm.deter, rssm.hidden
     shapes = _saved_shapes(1, 1, cell, bool(cfg.norm), s, a, d, hd)
