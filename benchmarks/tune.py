@@ -5,7 +5,7 @@ The tile sizes and warp counts in ``fastwm.kernels`` were chosen without a GPU, 
 variant in the same run, and prints each variant's median beside the current default's:
 
 * observe forward+backward (dreamerv3 16 x 64 and planet 50 x 50; fp32 and bf16) with 4 and 8 warps for the time
-  loops (``NUM_WARPS_STEP``);
+  loops (``NUM_WARPS_STEP``) and three product tiles for them (``LOOP_BLOCK_N`` x ``LOOP_BLOCK_K``);
 * imagine (dreamerv3, H = 15, N = 2,500 and 16,384; bf16 and fp32) over the rollout's row-block and tile choices
   and the two warp counts;
 * the CEM decision at PlaNet's settings with 4 and 8 warps.
@@ -43,11 +43,15 @@ class Variant:
     name: str
     num_warps_step: int | None = None
     rollout_tiles: tuple[int, int, int] | None = None
+    observe_tiles: tuple[int, int] | None = None  # (BLOCK_N, BLOCK_K) of observe's two time loops
 
 
 def variants_for(case: str) -> list[Variant]:
     """The variants timed for a case kind ("observe", "imagine" or "cem"); the first is the current default."""
     warps = [Variant(DEFAULT), Variant("warps4", num_warps_step=4), Variant("warps8", num_warps_step=8)]
+    if case == "observe":
+        return warps + [Variant(f"loop{n}x{k}-w{w}", num_warps_step=w, observe_tiles=(n, k))
+                        for n, k in ((64, 32), (32, 32), (32, 16)) for w in (4, 8)]
     if case != "imagine":
         return warps
     tiles = [(16, 64, 32), (32, 32, 32), (64, 32, 32), (128, 16, 16)]
@@ -61,13 +65,16 @@ def _launch_config(v: Variant) -> Iterator[None]:
     from fastwm.kernels import observe, rollout, rssm
 
     saved = [(m, "NUM_WARPS_STEP", m.NUM_WARPS_STEP) for m in (rssm, observe, rollout)]
-    saved.append((rollout, "_rollout_tiles", rollout._rollout_tiles))
+    saved += [(rollout, "_rollout_tiles", rollout._rollout_tiles), (observe, "LOOP_BLOCK_N", observe.LOOP_BLOCK_N),
+              (observe, "LOOP_BLOCK_K", observe.LOOP_BLOCK_K)]
     try:
         if v.num_warps_step is not None:
             for m, _, _ in saved[:3]:
                 m.NUM_WARPS_STEP = v.num_warps_step
         if v.rollout_tiles is not None:
             rollout._rollout_tiles = lambda n, device, closed_loop, t=v.rollout_tiles: t
+        if v.observe_tiles is not None:
+            observe.LOOP_BLOCK_N, observe.LOOP_BLOCK_K = v.observe_tiles
         yield
     finally:
         for m, name, value in saved:
@@ -127,7 +134,8 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...]) -> list[dict[
                 base = median
             ratio = base / median if base else None
             rows.append({**fields, "case": name, "variant": v.name, "num_warps_step": v.num_warps_step,
-                         "rollout_tiles": v.rollout_tiles, "median_ms": median, "p20_ms": p20, "p80_ms": p80,
+                         "rollout_tiles": v.rollout_tiles, "observe_tiles": v.observe_tiles, "median_ms": median,
+                         "p20_ms": p20, "p80_ms": p80,
                          "speedup_vs_default": ratio})
             print(f"{name:48s} {v.name:22s} {median:10.4f} ms  x{ratio:.3f} vs default" if ratio else
                   f"{name:48s} {v.name:22s} {median:10.4f} ms", flush=True)

@@ -56,6 +56,13 @@ from .rssm import (
 
 __all__ = ["observe_fwd", "observe_bwd", "N_SAVED"]
 
+# The product tiles of the two time loops. Compiled for sm_90 (benchmarks.aot, 8 warps), the module's 64 x 32 tiles
+# left the backward loop with 1.6-2 KB of stack per thread (spilled registers, read and written every step) at
+# PlaNet's sizes in fp32 (30/200/200, GRU and LayerNorm GRU) and 416 bytes in bf16; 32 x 16 tiles compile both
+# loops with at most 48 bytes spilled at both sizes and dtypes, but the fp32 GRU forward at 32/512/512 (176). Not yet
+# timed on a GPU: benchmarks.tune times both.
+LOOP_BLOCK_N, LOOP_BLOCK_K = 32, 16
+
 N_SAVED = 16  # z_in, h_in, a_in and the 13 buffers of the step
 
 
@@ -351,8 +358,8 @@ def observe_fwd(
         UPDATE_BIAS=float(update_bias),
         HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_P1=b_p1 is not None,
         HAS_B_Q1=b_q1 is not None,
-        COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
+        COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N,
+        BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
     )
     # After the loop, over all T x B rows: the prior head, its sample and the KL.
     hs, zp, pm, ps, kl = outs[0], outs[1], outs[2], outs[3], outs[7]
@@ -432,8 +439,8 @@ def observe_bwd(
             CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,
             NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode, MIN_STD=float(min_std),
             UPDATE_BIAS=float(update_bias),
-            COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
+            COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M,
+            BLOCK_N=LOOP_BLOCK_N, BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
         )
         # The input gradients of the hoisted products, one product each over all T x B rows.
         torch.matmul(per_step[0].view(-1, hd), w_in[:, s:].to(cdt), out=d_a.view(-1, a_dim))
