@@ -1,8 +1,9 @@
 """Whole-horizon imagination: H prior steps in ONE launch, no gradient.
 
-Each program owns ``BLOCK_M`` trajectories and runs the prior step (input layer, cell, prior head, std transform,
-sample) H times: the ``_prior_fwd`` helper of :mod:`fastwm.kernels.rssm`, the one the step kernels run. The state (h, z) lives in two small per-row
-ping-pong buffers that stay in L1/L2; the weights are read from L2 every step. Optional, also inside the loop:
+Each program owns ``BLOCK_M`` trajectories (16 to 128, by launch size: :func:`_rollout_tiles`) and runs the prior
+step (input layer, cell, prior head, std transform, sample) H times: the ``_prior_fwd`` helper of
+:mod:`fastwm.kernels.rssm`, the one the step kernels run. The state (h, z) lives in two small per-row ping-pong buffers
+that stay in L1/L2; the weights are read from L2 every step. Optional, also inside the loop:
 
 * a policy MLP (closed loop): a_t = policy([z_t, h_t]), written out per step;
 * a reward MLP on [z_{t+1}, h_{t+1}]: per-step rewards, or only their sum over the horizon (then memory is O(N));
@@ -22,8 +23,6 @@ import triton.language as tl
 
 from .gaussian import _compute_dtype, empty
 from .rssm import (
-    BLOCK_K,
-    BLOCK_N,
     NUM_WARPS_STEP,
     _block_s,
     _linear,
@@ -190,9 +189,11 @@ def _rollout_kernel(
 # The tiles are those the sm_90 compile (benchmarks.aot, 32/512/512, 8 warps) shows without register spills in bf16
 # (fp32, whose products run on the FMA path, spills 16-64 bytes per thread with any of them, 16 rows included); the
 # closed loop (a policy MLP in the loop) spills above 32 rows. Not yet timed on a GPU: benchmarks.tune times them.
+# 16 rows take 32 x 16 product tiles: with the 64 x 32 of the step kernels the bf16 LayerNorm-GRU rollout at PlaNet's
+# sizes (30/200/200) spilled 288-568 bytes per thread, with 32 x 16 0-192.
 _OPEN_LOOP_TILES = ((128, 16, 16), (64, 32, 32), (32, 32, 32))
 _CLOSED_LOOP_TILES = ((32, 32, 32),)
-_SMALL_TILES = (16, BLOCK_N, BLOCK_K)
+_SMALL_TILES = (16, 32, 16)
 
 
 def _rollout_tiles(n: int, device: torch.device, closed_loop: bool) -> tuple[int, int, int]:
