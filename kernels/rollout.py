@@ -187,10 +187,10 @@ def _rollout_kernel(
 # BLOCK_M rows, so a step does about BLOCK_M multiply-adds per weight read: at 16 rows the L2 bandwidth, not the tensor
 # cores, bounds a large imagination launch; bigger blocks lift that bound as long as the grid still covers every SM.
 # The tiles are those the sm_90 compile (benchmarks.aot, 32/512/512, 8 warps) shows without register spills in bf16
-# (fp32, whose products run on the FMA path, spills 16-64 bytes per thread with any of them, 16 rows included); the
-# closed loop (a policy MLP in the loop) spills above 32 rows. Not yet timed on a GPU: benchmarks.tune times them.
-# 16 rows take 32 x 16 product tiles: with the 64 x 32 of the step kernels the bf16 LayerNorm-GRU rollout at PlaNet's
-# sizes (30/200/200) spilled 288-568 bytes per thread, with 32 x 16 0-192.
+# (fp32, whose products run on the FMA path, spills up to about 90 bytes per thread with any of them, 16 rows
+# included); the closed loop (a policy MLP in the loop) spills above 32 rows. 16 rows take 32 x 16 product tiles:
+# with the 64 x 32 of the step kernels, the bf16 LayerNorm-GRU rollout at PlaNet's sizes (30/200/200) kept 288-568
+# bytes per thread on the stack, with 32 x 16 0-192. Not yet timed on a GPU: benchmarks.tune times them.
 _OPEN_LOOP_TILES = ((128, 16, 16), (64, 32, 32), (32, 32, 32))
 _CLOSED_LOOP_TILES = ((32, 32, 32),)
 _SMALL_TILES = (16, 32, 16)
