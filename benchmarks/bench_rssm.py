@@ -55,7 +55,6 @@ import fastwm
 from fastwm import State
 from fastwm._backend import interpreter_enabled, triton_available
 from fastwm.observe import saved_bytes
-from fastwm.rssm import stack_states
 
 __all__ = [
     "ANCHOR_US_PER_STEP",
@@ -330,12 +329,8 @@ class _Inputs:
             state = State(x["deter"], x["stoch"], self.mean, self.std)
             post, prior = model.obs_step(state, x["action"], x["embed"], self.noise, prior_noise=self.prior_noise)
         elif provider == "fused-steps":  # one obs_step per t, as a user's loop over the step kernels
-            state, posts, priors = model.initial(x["embed"].shape[0]), [], []
-            for t in range(x["embed"].shape[1]):
-                state, prior = model.obs_step(state, x["action"][:, t], x["embed"][:, t], self.noise[:, t])
-                posts.append(state)
-                priors.append(prior)
-            post, prior = stack_states(posts), stack_states(priors)
+            post, prior, _ = model._observe_steps(x["embed"], x["action"], None, model.initial(x["embed"].shape[0]),
+                                                  self.noise, None, None)
         else:
             post, prior = model.observe(x["embed"], x["action"], noise=self.noise, recompute=provider == "recompute")
         return (*post, prior.stoch, prior.mean, prior.std)

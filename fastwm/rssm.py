@@ -320,9 +320,17 @@ class RSSM(nn.Module):
                                                               embed, action, is_first, noise, prior_noise, generator,
                                                               recompute)
             post_s, prior_s = State(deter, qz, qm, qs), State(deter, pz, pm, ps)
-            return (post_s, prior_s, kl) if return_kl else (post_s, prior_s)
+        else:
+            post_s, prior_s, kl = self._observe_steps(embed, action, is_first, state, noise, prior_noise, generator)
+        return (post_s, prior_s, kl) if return_kl else (post_s, prior_s)
+
+    def _observe_steps(self, embed: Tensor, action: Tensor, is_first: Tensor | None, state: State,
+                       noise: Tensor | None, prior_noise: Tensor | None,
+                       generator: torch.Generator | None) -> tuple[State, State, Tensor]:
+        """observe as a Python loop of :meth:`obs_step` over T (inputs already checked): the reference backend's
+        path, and on the Triton backend the per-step fused kernels (the benchmarks' "fused-steps" baseline)."""
         posts, priors, kls = [], [], []
-        for t in range(t_len):
+        for t in range(embed.shape[1]):
             a = action[:, t]
             if is_first is not None:
                 state, a = self._reset(state, a, is_first[:, t])
@@ -333,8 +341,7 @@ class RSSM(nn.Module):
             priors.append(prior)
             kls.append(kl)
             state = post
-        post_s, prior_s = stack_states(posts), stack_states(priors)
-        return (post_s, prior_s, torch.stack(kls, dim=1)) if return_kl else (post_s, prior_s)
+        return stack_states(posts), stack_states(priors), torch.stack(kls, dim=1)
 
     def imagine(self, actions: Tensor, state: State, noise: Tensor | None = None, *,
                 generator: torch.Generator | None = None) -> State:
