@@ -45,6 +45,7 @@ from .rssm import (
     _head_bwd,
     _head_fwd,
     _head_input,
+    _head_width,
     _kl_bwd,
     _kl_fwd,
     _load_seeds,
@@ -215,10 +216,7 @@ def _observe_prior_bwd_kernel(
     _gauss_bwd(p_raw + o2, S, np_ptr + o, p_seed + t, g_zp + o, g_pm + o, g_ps + o, d_praw + o2, p_raw, g_kl,
                d_praw + o2, rows, rmask, NOISE_P, False, True, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S)
     tl.debug_barrier()
-    if CELL == 2:
-        DH = HD
-    else:
-        DH = D
+    DH = _head_width(D, HD, CELL)
     _copy_rows(g_head + t * B * DH, hs_grad + t * B * DH, DH, rows, rmask, CELL != 2, COMPUTE, BLOCK_M, BLOCK_N)
     tl.debug_barrier()
     _head_bwd(d_praw + o2, d_py + oh, d_ppre + oh, d_pv + oh, g_head + t * B * DH, DH, DH, w_p1, nw_p1, nb_p1, w_p2,

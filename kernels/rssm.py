@@ -521,15 +521,23 @@ def _gauss_bwd(raw_ptr, S, noise_ptr, seed, gz_ptr, gm_ptr, gs_ptr, draw_ptr, pr
 
 
 @triton.jit
+def _head_width(D, HD, CELL: tl.constexpr):
+    # The width of what the prior and posterior heads read: D (h'), or Hd (x itself) when there is no cell.
+    if CELL == 2:
+        DH = HD
+    else:
+        DH = D
+    return DH
+
+
+@triton.jit
 def _head_input(hout, x_act, D, HD, CELL: tl.constexpr):
     # What the prior and posterior heads read, and its width: h' (deter), or x itself when there is no cell.
     if CELL == 2:
         hin = x_act
-        DH = HD
     else:
         hin = hout
-        DH = D
-    return hin, DH
+    return hin, _head_width(D, HD, CELL)
 
 
 @triton.jit
@@ -725,10 +733,7 @@ def _step_bwd_body(
     # loop), and the prior head and the KL were done before the loop over all rows: g_h then holds the whole
     # gradient at the heads' input but the posterior head's share (for cell "none" too: the prior head's share),
     # and d_qraw the KL's gradient with respect to the posterior's (mean, std).
-    if CELL == 2:
-        DH = HD
-    else:
-        DH = D
+    DH = _head_width(D, HD, CELL)
     _copy_rows(d_hin, g_h, DH, rows, rmask, (CELL != 2) or HOISTED, COMPUTE, BLOCK_M, BLOCK_N)
     if POST:
         _gauss_bwd(q_raw, S, nq_ptr, q_seed, g_zq, g_qm, g_qs, d_qraw, p_raw, g_kl, d_praw, rows, rmask,
