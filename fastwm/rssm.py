@@ -41,8 +41,13 @@ class State(NamedTuple):
     std: Tensor
 
 
-def stack_states(states: list[State], dim: int = 1) -> State:
-    """Stack per-step States [B, ...] into one State [B, T, ...]."""
+def stack_states(states: list[State], dim: int = 1, *, like: State | None = None) -> State:
+    """Stack per-step States [B, ...] into one State [B, T, ...]; with no steps, an empty State [B, 0, ...] shaped,
+    typed and placed like ``like`` (a State [B, ...])."""
+    if not states:
+        if like is None:
+            raise ValueError("stack_states: no states to stack and no `like` State to shape the empty result")
+        return State(*(part.new_empty((*part.shape[:dim], 0, *part.shape[dim:])) for part in like))
     return State(*(torch.stack(parts, dim=dim) for parts in zip(*states)))
 
 
@@ -341,6 +346,10 @@ class RSSM(nn.Module):
             priors.append(prior)
             kls.append(kl)
             state = post
+        if not kls:  # T = 0: empty States [B, 0, ...] and KL [B, 0]
+            kl_dtype = torch.float64 if state.stoch.dtype == torch.float64 else torch.float32
+            return (stack_states(posts, like=state), stack_states(priors, like=state),
+                    state.stoch.new_empty((state.stoch.shape[0], 0), dtype=kl_dtype))
         return stack_states(posts), stack_states(priors), torch.stack(kls, dim=1)
 
     def imagine(self, actions: Tensor, state: State, noise: Tensor | None = None, *,
@@ -370,7 +379,7 @@ class RSSM(nn.Module):
         for t in range(h_len):
             state = self.img_step(state, actions[:, t], None if noise is None else noise[:, t], generator=generator)
             states.append(state)
-        return stack_states(states)
+        return stack_states(states, like=state)
 
     def rollout(self, policy: Callable[[Tensor], Tensor], state: State, horizon: int, *,
                 generator: torch.Generator | None = None) -> tuple[State, Tensor]:

@@ -533,6 +533,24 @@ def test_is_first_resets_like_a_fresh_run(cfg, device, poison, impl):
 # -- initial state and features -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["reference", FUSED_BACKEND])
+def test_empty_sequences(backend, device):
+    """T = 0 (observe) and H = 0 (imagine, with and without a gradient) give empty [B, 0, ...] results of the
+    state's dtype and device, on both backends."""
+    model = _rssm(RSSM_CONFIGS["gru-elu-softplus"], device, torch.float32)
+    b = 3
+    with fastwm.backend(backend):
+        post, prior, kl = model.observe(torch.zeros(b, 0, E, device=device), torch.zeros(b, 0, A, device=device),
+                                        return_kl=True)
+        dreams = [model.imagine(torch.zeros(b, 0, A, device=device), model.initial(b))]
+        with torch.no_grad():
+            dreams.append(model.imagine(torch.zeros(b, 0, A, device=device), model.initial(b)))
+    assert kl.shape == (b, 0) and kl.dtype == torch.float32
+    for s in (post, prior, *dreams):
+        assert s.stoch.shape == s.mean.shape == s.std.shape == (b, 0, S) and s.deter.shape == (b, 0, D)
+        assert all(x.dtype == torch.float32 and x.device.type == device.type for x in s)
+
+
 @pytest.mark.parametrize("cfg", CONFIG_IDS)
 def test_initial_and_features(cfg, dtype, device):
     model = _rssm(RSSM_CONFIGS[cfg], device, dtype)
