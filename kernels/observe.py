@@ -40,15 +40,21 @@ from .rssm import (
     NUM_WARPS_STEP,
     _block_s,
     _copy_rows,
+    _dot_acc,
     _gauss_bwd,
     _gauss_fwd,
+    _gru_fwd,
     _head_bwd,
     _head_fwd,
     _head_input,
     _head_width,
     _kl_bwd,
     _kl_fwd,
+    _linear,
+    _lngru_gates,
     _load_seeds,
+    _norm_act_apply,
+    _norm_act_fwd,
     _prec,
     _step_bwd_body,
     _step_fwd_body,
@@ -66,18 +72,27 @@ LOOP_BLOCK_N, LOOP_BLOCK_K = 32, 16
 
 N_SAVED = 16  # z_in, h_in, a_in and the 13 buffers of the step
 
+# The feature split of the forward loop (_observe_split_fwd_kernel): at most this many programs per row block, and
+# only where row blocks x programs fit the SM count. 0 keeps the row-split loop everywhere: the default until the
+# split is timed on a GPU (benchmarks.tune compares both).
+FEATURE_SPLIT = 0
+# Set by a test harness whose interpreter runs a launch's programs concurrently (tests/concurrent.py); the stock
+# interpreter runs them one after another, and a grid barrier would wait forever.
+INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY = False
+
 
 @triton.jit
 def _keep_copy(dst_ptr, src_ptr, N, keep, rows, rmask, HAS_SRC: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    # dst[rows, :N] = keep[:, None] * src (0 without HAS_SRC); row-major, row length N, cast to dst's dtype.
+               BLOCK_N: tl.constexpr, CACHE: tl.constexpr = ""):
+    # dst[rows, :N] = keep[:, None] * src (0 without HAS_SRC); row-major, row length N, cast to dst's dtype. CACHE
+    # ".cg" reads src past the L1 cache: what other programs wrote.
     for nb in range(0, tl.cdiv(N, BLOCK_N)):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         offs = rows[:, None] * N + cols[None, :]
         mask = rmask[:, None] & (cols < N)[None, :]
         v = tl.zeros([BLOCK_M, BLOCK_N], dtype=keep.dtype)
         if HAS_SRC:
-            v = tl.load(src_ptr + offs, mask=mask, other=0.0).to(keep.dtype) * keep[:, None]
+            v = tl.load(src_ptr + offs, mask=mask, other=0.0, cache_modifier=CACHE).to(keep.dtype) * keep[:, None]
         tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
@@ -153,6 +168,240 @@ def _observe_fwd_kernel(
             BLOCK_S,
         )
         tl.debug_barrier()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The forward time loop with the features split across programs (small batches)
+# --------------------------------------------------------------------------------------------------------------------
+#
+# A training batch of 16 sequences is one row block: the row-split loop above runs it on one SM. Here each row
+# block gets P programs (grid [row blocks, P]); program p owns the column blocks p, p + P, ... of every layer that
+# is split, and the P programs meet at a grid barrier where a layer needs all of the previous one. Per step:
+#
+#   every program, redundantly (small): step t - 1's posterior output from the P programs' shares and its sample,
+#     the reset, the input layer;
+#   split: the cell's features (the LayerNorm GRU: its 3D outputs, with the LayerNorm statistics combined from the
+#     P programs' shares at a barrier);                                                              -> barrier
+#   split: the posterior head's first layer (LayerNorm statistics likewise), and each program's share of its
+#     output layer (a partial product over its columns), summed in program order by every program at the next
+#     step: deterministic.                                                                           -> barrier
+#
+# Program 0 writes the saved buffers the redundant part produces; the others write theirs to private scratch. What
+# one program reads of another's writes it reads past L1 (".cg"). The barrier needs all P programs of a row block
+# resident at once: the launcher keeps row blocks x P within the SM count, and on the CPU interpreter, which runs
+# programs one after another, refuses P > 1 unless they run concurrently (the tests' threaded interpreter).
+
+
+@triton.jit
+def _grid_barrier(count_ptr, target):
+    # Wait until `target` arrivals have been counted at count_ptr (the k-th barrier of P programs: k * P). One
+    # thread of the program does the atomics; the CTA barrier before the release orders all its threads' writes
+    # before the arrival, the one after the acquire orders all their later reads after everyone's.
+    tl.debug_barrier()
+    tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+    while tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _pick(own, a, b):
+    # a for program 0 (the saved buffers), b for the others (their private scratch)
+    if own:
+        r = a
+    else:
+        r = b
+    return r
+
+
+@triton.jit
+def _part_stats(pre_ptr, ld, N, rows, rmask, stats_ptr, p, B, NCHUNK: tl.constexpr, COMPUTE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P):
+    # This program's share of a LayerNorm's row statistics, over its column blocks (p, p + P, ...) of each of the
+    # NCHUNK chunks of width N of pre (row stride ld): (count, mean, sum of squared deviations) -> stats[p, rows].
+    s1 = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    n = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    for nb in range(p, tl.cdiv(N, BLOCK_N), P):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = rmask[:, None] & (cols < N)[None, :]
+        n += NCHUNK * tl.sum(mask.to(COMPUTE), axis=1)
+        for c in tl.static_range(NCHUNK):
+            s1 += tl.sum(tl.load(pre_ptr + rows[:, None] * ld + c * N + cols[None, :], mask=mask, other=0.0), axis=1)
+    mean = s1 / tl.maximum(n, 1.0)
+    s2 = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    for nb in range(p, tl.cdiv(N, BLOCK_N), P):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = rmask[:, None] & (cols < N)[None, :]
+        for c in tl.static_range(NCHUNK):
+            v = tl.load(pre_ptr + rows[:, None] * ld + c * N + cols[None, :], mask=mask, other=0.0)
+            d = tl.where(mask, v - mean[:, None], 0.0)
+            s2 += tl.sum(d * d, axis=1)
+    base = (p * B + rows) * 3
+    tl.store(stats_ptr + base, n, mask=rmask)
+    tl.store(stats_ptr + base + 1, mean, mask=rmask)
+    tl.store(stats_ptr + base + 2, s2, mask=rmask)
+
+
+@triton.jit
+def _combined_stats(stats_ptr, P, B, rows, rmask, EPS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr):
+    # The row mean and 1 / sqrt(var + eps) from the P shares of _part_stats, combined in program order (Chan et
+    # al.'s pairwise update: stable, and the same in every program).
+    n = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    mean = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    m2 = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    for q in range(0, P):
+        base = (q * B + rows) * 3
+        nq = tl.load(stats_ptr + base, mask=rmask, other=0.0, cache_modifier=".cg")
+        mq = tl.load(stats_ptr + base + 1, mask=rmask, other=0.0, cache_modifier=".cg")
+        m2q = tl.load(stats_ptr + base + 2, mask=rmask, other=0.0, cache_modifier=".cg")
+        tot = n + nq
+        frac = tl.where(tot > 0, nq / tl.maximum(tot, 1.0), 0.0)
+        delta = mq - mean
+        mean += delta * frac
+        m2 += m2q + delta * delta * n * frac
+        n = tot
+    rstd = 1.0 / tl.sqrt(m2 / tl.maximum(n, 1.0) + EPS)
+    return mean, rstd
+
+
+@triton.jit
+def _partial_out(part_ptr, y_ptr, HD, w2, S2, p, P, B, rows, rmask, COMPUTE: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S2: tl.constexpr):
+    # part[p, rows, :S2] = y[rows, own columns] @ W2[:, own columns].T: this program's share of a head's output
+    # layer (W2 [S2, Hd]), over its column blocks p, p + P, ... of y.
+    ocols = tl.arange(0, BLOCK_S2)
+    omask = ocols < S2
+    acc = tl.zeros([BLOCK_M, BLOCK_S2], dtype=COMPUTE)
+    for nb in range(p, tl.cdiv(HD, BLOCK_N), P):
+        k0 = nb * BLOCK_N
+        acc = _dot_acc(acc, y_ptr + k0, HD, tl.minimum(HD - k0, BLOCK_N), w2 + k0, HD, 1, rows, rmask, ocols, omask,
+                       PREC, BLOCK_N)
+    tl.store(part_ptr + (p * B + rows)[:, None] * S2 + ocols[None, :], acc, mask=rmask[:, None] & omask[None, :])
+
+
+@triton.jit
+def _sum_parts(raw_ptr, part_ptr, b_ptr, P, B, S2, rows, rmask, COMPUTE: tl.constexpr, BLOCK_S2: tl.constexpr):
+    # raw[rows, :S2] = b + the P programs' shares of _partial_out, in program order
+    ocols = tl.arange(0, BLOCK_S2)
+    omask = ocols < S2
+    mask = rmask[:, None] & omask[None, :]
+    raw = tl.load(b_ptr + ocols, mask=omask, other=0.0).to(COMPUTE)[None, :] + \
+        tl.zeros([rows.shape[0], BLOCK_S2], dtype=COMPUTE)
+    for q in range(0, P):
+        raw += tl.load(part_ptr + (q * B + rows)[:, None] * S2 + ocols[None, :], mask=mask, other=0.0,
+                       cache_modifier=".cg")
+    tl.store(raw_ptr + rows[:, None] * S2 + ocols[None, :], raw, mask=mask)
+
+
+@triton.jit
+def _observe_split_fwd_kernel(
+    z0_ptr, h0_ptr, first_ptr, nq_ptr, seed_ptr,  # as in _observe_fwd_kernel
+    w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2,
+    hs, zq, qm, qs,  # out [T, B, D], [T, B, S] x 3 (X)
+    z_in, h_in, a_in,  # saved [T, B, S], [T, B, D], [T, B, A] (X); a_in holds the action, resets applied
+    x_pre, x_rstd, x_act, c_save, c_rstd, q_pre, q_rstd, q_y, q_raw,  # saved [T, B, ...] (C); q_pre: e @ W_q1e.T
+    count_ptr, part, stats,  # int32 [row blocks] zeros; scratch [P, B, 2S], [P, B, 3] (C)
+    pz, ph, pxp, pxr, pxa, praw, pzq, pqm, pqs, phc,  # private scratch [P, B, ...]: S, D, Hd, 1, Hd, 2S, S x 3, D
+    B, T, S, A, D, E, HD, C_W,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, NOISE_Q: tl.constexpr,
+    STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr,
+    HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_Q1: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_S2: tl.constexpr,
+):
+    rb = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < B
+    own = p == 0
+    pp = p.to(tl.int64)
+    HAS_D: tl.constexpr = CELL != 2
+    count = count_ptr + rb
+    n_bar = 0
+    q_seed, _ = _load_seeds(seed_ptr, NOISE_Q, 1, True)
+    ones = tl.full([BLOCK_M], 1.0, COMPUTE)
+    z_o = _pick(own, z_in, pz + pp * B * S)
+    h_o = _pick(own, h_in, ph + pp * B * D)
+    hc = phc + pp * B * D
+    for t in range(0, T + 1):
+        zq_o = _pick(own, zq + (t - 1) * B * S, pzq + pp * B * S)
+        if t > 0:
+            # step t - 1's posterior: its output layer from the P shares, then the sample
+            raw_o = _pick(own, q_raw + (t - 1) * B * 2 * S, praw + pp * B * 2 * S)
+            _sum_parts(raw_o, part, b_q2, P, B, 2 * S, rows, rmask, COMPUTE, BLOCK_S2)
+            tl.debug_barrier()
+            _gauss_fwd(raw_o, S, nq_ptr + (t - 1) * B * S, S, q_seed + t - 1, zq_o, S,
+                       _pick(own, qm + (t - 1) * B * S, pqm + pp * B * S),
+                       _pick(own, qs + (t - 1) * B * S, pqs + pp * B * S), S, raw_o, raw_o, rows, rmask,
+                       NOISE_Q, False, STD_MODE, MIN_STD, COMPUTE, BLOCK_M, BLOCK_S, True)
+            tl.debug_barrier()
+        if t < T:
+            keep = _keep_of(first_ptr + t * B, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
+            zt = _pick(own, z_o + t * B * S, z_o)
+            ht = _pick(own, h_o + t * B * D, h_o)
+            if t == 0:
+                _keep_copy(zt, z0_ptr, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+                if HAS_D:
+                    _keep_copy(ht, h0_ptr, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+            else:
+                _keep_copy(zt, zq_o, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+                if HAS_D:
+                    _keep_copy(ht, hs + (t - 1) * B * D, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N, ".cg")
+            tl.debug_barrier()
+            # the input layer, whole in every program (its action part too: no hoisted product to start from)
+            xp_o = _pick(own, x_pre + t * B * HD, pxp + pp * B * HD)
+            xa_o = _pick(own, x_act + t * B * HD, pxa + pp * B * HD)
+            _linear(xp_o, HD, zt, S, S, a_in + t * B * A, A, A, w_in, S + A, 1, HD, b_in, rows, rmask,
+                    True, HAS_B_IN, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            tl.debug_barrier()
+            _norm_act_fwd(xp_o, xa_o, HD, nw_in, nb_in, _pick(own, x_rstd + t * B, pxr + pp * B), rows, rmask, ACT,
+                          NORM, EPS, COMPUTE, BLOCK_M, BLOCK_N)
+            tl.debug_barrier()
+            # the cell, this program's features
+            if CELL == 0:
+                _gru_fwd(xa_o, HD, HD, ht, D, w_c1, w_c2, b_c1, b_c2, hs + t * B * D, c_save + t * B * C_W, rows,
+                         rmask, HAS_B_C1, HAS_B_C2, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, True, p, P)
+            elif CELL == 1:
+                parts = c_save + t * B * C_W
+                for c in tl.static_range(3):
+                    _linear(parts + c * D, 3 * D, xa_o, HD, HD, ht, D, D, w_c1 + c * D * (HD + D), HD + D, 1, D,
+                            w_c1, rows, rmask, True, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, p, P)
+                tl.debug_barrier()
+                _part_stats(parts, 3 * D, D, rows, rmask, stats, p, B, 3, COMPUTE, BLOCK_M, BLOCK_N, P)
+                n_bar += 1
+                _grid_barrier(count, n_bar * P)
+                mean, rstd = _combined_stats(stats, P, B, rows, rmask, EPS, COMPUTE, BLOCK_M)
+                tl.store(c_rstd + t * B + rows, rstd, mask=rmask & own)
+                _lngru_gates(ht, D, nw_c, nb_c, parts, mean, rstd, hs + t * B * D, rows, rmask, UPDATE_BIAS,
+                             COMPUTE, BLOCK_N, p, P)
+            if HAS_D:
+                # all of h' for the posterior head: everyone's features
+                n_bar += 1
+                _grid_barrier(count, n_bar * P)
+                _keep_copy(hc, hs + t * B * D, D, ones, rows, rmask, True, BLOCK_M, BLOCK_N, ".cg")
+                tl.debug_barrier()
+            hin, DH = _head_input(hc, xa_o, D, HD, CELL)
+            # the posterior head's first layer, this program's columns (q_pre holds the embedding's product)
+            qpre = q_pre + t * B * HD
+            _linear(qpre, HD, hin, DH, DH, hin, 0, 0, w_q1, DH + E, 1, HD, b_q1, rows, rmask,
+                    False, HAS_B_Q1, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, p, P)
+            tl.debug_barrier()
+            mean2 = tl.zeros([BLOCK_M], dtype=COMPUTE)
+            rstd2 = mean2
+            if NORM:
+                _part_stats(qpre, HD, HD, rows, rmask, stats, p, B, 1, COMPUTE, BLOCK_M, BLOCK_N, P)
+                n_bar += 1
+                _grid_barrier(count, n_bar * P)
+                mean2, rstd2 = _combined_stats(stats, P, B, rows, rmask, EPS, COMPUTE, BLOCK_M)
+                tl.store(q_rstd + t * B + rows, rstd2, mask=rmask & own)
+            _norm_act_apply(qpre, q_y + t * B * HD, HD, nw_q1, nb_q1, mean2, rstd2, rows, rmask, ACT, NORM,
+                            COMPUTE, BLOCK_N, p, P)
+            tl.debug_barrier()
+            _partial_out(part, q_y + t * B * HD, HD, w_q2, 2 * S, p, P, B, rows, rmask, COMPUTE, PREC, BLOCK_M,
+                         BLOCK_N, BLOCK_S2)
+            n_bar += 1
+            _grid_barrier(count, n_bar * P)
 
 
 @triton.jit
@@ -301,16 +550,33 @@ def _saved_widths(cell: int, norm: bool, s: int, a: int, d: int, hd: int) -> lis
             hd, 2 * s]
 
 
+def split_programs(bsz: int, d: int, hd: int, device: torch.device, cap: int | None = None) -> int:
+    """Programs per row block for the forward loop: 1 (the row split) unless ``cap`` (default FEATURE_SPLIT) allows
+    more; then as many as there are column blocks of the widest split layer, at most ``cap``, with row blocks x
+    programs within the device's SM count (they must all be resident for the grid barrier)."""
+    cap = FEATURE_SPLIT if cap is None else cap
+    if cap < 2 or bsz == 0:
+        return 1
+    n_rb = triton.cdiv(bsz, BLOCK_M)
+    p = min(cap, triton.cdiv(max(d, hd), LOOP_BLOCK_N))
+    if device.type == "cuda":
+        p = min(p, torch.cuda.get_device_properties(device).multi_processor_count // n_rb)
+    elif not INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY:
+        return 1
+    return p if p >= 2 else 1
+
+
 def observe_fwd(
     z0: torch.Tensor, h0: torch.Tensor, action: torch.Tensor, embed: torch.Tensor, first: torch.Tensor | None,
     noise: torch.Tensor | None, prior_noise: torch.Tensor | None, seed: torch.Tensor, w: list[torch.Tensor | None],
     *, cell: int, act: int,
-    norm: bool, std_mode: int, min_std: float, eps: float, update_bias: float = -1.0,
+    norm: bool, std_mode: int, min_std: float, eps: float, update_bias: float = -1.0, split: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The fused observe on time-major contiguous inputs: action [T, B, A], embed [T, B, E], first [T, B] int8 or
     None, noise / prior_noise [T, B, S] or None (then seed[0] + t / seed[1] + t), seed [2] int64. Returns the 8
     outputs [T, B, ...] (deter, prior stoch / mean / std, posterior stoch / mean / std, kl) and the 16 saved
-    buffers."""
+    buffers. ``split``: programs per row block of the forward loop (None: :func:`split_programs`; 1: the row
+    split; more: the feature split, whose P programs must run concurrently)."""
     (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
      w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = w
     t_len, bsz, a_dim = action.shape
@@ -335,30 +601,36 @@ def observe_fwd(
     # Hoisted out of the time loop, one product each over all T x B rows: the action part of the input layer and
     # the embedding part of the posterior's first layer, written straight into the pre-activation buffers the loop
     # then adds the recurrent part to. a_in is the action with the resets applied (zero at a reset step).
+    n_split = split_programs(bsz, d, hd, z0.device) if split is None else split
     a_in, x_pre, q_pre = saved[2], saved[3], saved[12]
     a_in.copy_(action if first is None else action * (first == 0).to(action.dtype)[..., None])
     dh = d if cell != 2 else hd
-    torch.matmul(a_in.reshape(-1, a_dim).to(cdt), w_in[:, s:].t().to(cdt), out=x_pre.view(-1, hd))
+    if n_split == 1:  # the split loop computes the whole input layer in every program
+        torch.matmul(a_in.reshape(-1, a_dim).to(cdt), w_in[:, s:].t().to(cdt), out=x_pre.view(-1, hd))
     torch.matmul(embed.reshape(-1, e_dim).to(cdt), w_q1[:, dh:].t().to(cdt), out=q_pre.view(-1, hd))
     x = z0
 
     def p(t: torch.Tensor | None) -> torch.Tensor:
         return x if t is None or t.numel() == 0 else t
 
-    _observe_fwd_kernel[(triton.cdiv(bsz, BLOCK_M),)](
-        z0, p(h0), action, embed, p(first), p(noise), p(prior_noise), seed,
-        w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),
-        w_p1, p(b_p1), p(nw_p1), p(nb_p1), w_p2, b_p2, w_q1, p(b_q1), p(nw_q1), p(nb_q1), w_q2, b_q2,
-        *(p(t) for t in outs), *(p(t) for t in saved),
-        bsz, t_len, s, a_dim, d, e_dim, hd, widths[6],
-        CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,
-        NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode, MIN_STD=float(min_std), EPS=float(eps),
-        UPDATE_BIAS=float(update_bias),
-        HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_P1=b_p1 is not None,
-        HAS_B_Q1=b_q1 is not None,
-        COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N,
-        BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
-    )
+    if n_split > 1:
+        _observe_split_fwd(z0, p(h0), p(first), p(noise), seed, w, outs, saved, n_split, cell=cell, act=act,
+                           norm=norm, std_mode=std_mode, min_std=min_std, eps=eps, update_bias=update_bias)
+    else:
+        _observe_fwd_kernel[(triton.cdiv(bsz, BLOCK_M),)](
+            z0, p(h0), action, embed, p(first), p(noise), p(prior_noise), seed,
+            w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),
+            w_p1, p(b_p1), p(nw_p1), p(nb_p1), w_p2, b_p2, w_q1, p(b_q1), p(nw_q1), p(nb_q1), w_q2, b_q2,
+            *(p(t) for t in outs), *(p(t) for t in saved),
+            bsz, t_len, s, a_dim, d, e_dim, hd, widths[6],
+            CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,
+            NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode, MIN_STD=float(min_std), EPS=float(eps),
+            UPDATE_BIAS=float(update_bias),
+            HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_P1=b_p1 is not None,
+            HAS_B_Q1=b_q1 is not None,
+            COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N,
+            BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
+        )
     # After the loop, over all T x B rows: the prior head, its sample and the KL.
     hs, zp, pm, ps, kl = outs[0], outs[1], outs[2], outs[3], outs[7]
     x_act, p_pre, p_rstd, p_y, p_raw, q_raw = saved[5], saved[8], saved[9], saved[10], saved[11], saved[15]
@@ -371,6 +643,50 @@ def observe_fwd(
         BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
     )
     return outs + saved
+
+
+def _observe_split_fwd(
+    z0: torch.Tensor, h0: torch.Tensor, first: torch.Tensor, noise: torch.Tensor, seed: torch.Tensor,
+    w: list[torch.Tensor | None], outs: tuple[torch.Tensor, ...], saved: tuple[torch.Tensor, ...], n_split: int, *,
+    cell: int, act: int, norm: bool, std_mode: int, min_std: float, eps: float, update_bias: float,
+) -> None:
+    """Launch _observe_split_fwd_kernel: grid [row blocks, n_split]; writes the loop's outputs and saved buffers as
+    the row-split loop does (``first`` / ``noise`` / ``h0``: z0 stands for an absent one)."""
+    (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, _, _, _, _, _, _,
+     w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = w
+    t_len, bsz, a_dim = saved[2].shape
+    s, d, hd = z0.shape[1], h0.shape[1] if cell != 2 else 0, w_in.shape[0]
+    e_dim = w_q1.shape[1] - (d if cell != 2 else hd)
+    n_rb = triton.cdiv(bsz, BLOCK_M)
+    dt, cdt = z0.dtype, compute_dtype(z0.dtype)
+
+    def scratch(width: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty((n_split, bsz, max(width, 1)), device=z0.device, dtype=dtype)
+
+    count = torch.zeros(n_rb, device=z0.device, dtype=torch.int32)
+    part, stats = scratch(2 * s, cdt), scratch(3, cdt)
+    private = (scratch(s, dt), scratch(d, dt), scratch(hd, cdt), scratch(1, cdt), scratch(hd, cdt),
+               scratch(2 * s, cdt), scratch(s, dt), scratch(s, dt), scratch(s, dt), scratch(d, dt))
+    (z_in, h_in, a_in, x_pre, x_rstd, x_act, c_save, c_rstd, _, _, _, _, q_pre, q_rstd, q_y, q_raw) = saved
+
+    def p(t: torch.Tensor | None) -> torch.Tensor:
+        return z0 if t is None or t.numel() == 0 else t
+
+    _observe_split_fwd_kernel[(n_rb, n_split)](
+        z0, h0, first, noise, seed,
+        w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),
+        w_q1, p(b_q1), p(nw_q1), p(nb_q1), w_q2, b_q2,
+        p(outs[0]), outs[4], outs[5], outs[6],
+        z_in, p(h_in), a_in, x_pre, p(x_rstd), x_act, p(c_save), p(c_rstd), q_pre, p(q_rstd), q_y, q_raw,
+        count, part, stats, *private,
+        bsz, t_len, s, a_dim, d, e_dim, hd, c_save.shape[-1] if c_save.dim() == 3 else 0,
+        CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not z0, NOISE_Q=1 if noise is not z0 else 2,
+        STD_MODE=std_mode, MIN_STD=float(min_std), EPS=float(eps), UPDATE_BIAS=float(update_bias),
+        HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_Q1=b_q1 is not None,
+        COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N,
+        BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), BLOCK_S2=max(16, triton.next_power_of_2(2 * s)),
+        num_warps=NUM_WARPS_STEP,
+    )
 
 
 def observe_bwd(

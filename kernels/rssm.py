@@ -103,9 +103,11 @@ def _dot_acc(acc, a_ptr, lda, K, w_ptr, stride_wn, stride_wk, rows, rmask, cols,
 @triton.jit
 def _linear(out_ptr, ldo, a1_ptr, lda1, K1, a2_ptr, lda2, K2, w_ptr, stride_wn, stride_wk, N, b_ptr, rows, rmask,
             HAS_A2: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, COMPUTE: tl.constexpr,
-            PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # out[rows, :N] (+)= [a1 | a2] @ W.T (+ b); W's columns 0..K1 meet a1 and K1..K1+K2 meet a2.
-    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+            PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            nb0=0, nb_step=1):
+    # out[rows, :N] (+)= [a1 | a2] @ W.T (+ b); W's columns 0..K1 meet a1 and K1..K1+K2 meet a2. Column blocks
+    # nb0, nb0 + nb_step, ... of BLOCK_N only (all by default; a feature-split program passes its share).
+    for nb in range(nb0, tl.cdiv(N, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
@@ -163,10 +165,20 @@ def _norm_act_fwd(pre_ptr, y_ptr, N, nw_ptr, nb_ptr, rstd_ptr, rows, rmask, ACT:
                   EPS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # y = act(pre), or act(LayerNorm(pre)); with NORM, pre is overwritten by the normalised xhat (what the backward
     # needs) and rstd[rows] = 1 / sqrt(var + eps). pre (C), y (C), rows of length N.
+    mean = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    rstd = mean
     if NORM:
         mean, rstd = _row_stats(pre_ptr, N, rows, rmask, EPS, COMPUTE, BLOCK_M, BLOCK_N)
         tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+    _norm_act_apply(pre_ptr, y_ptr, N, nw_ptr, nb_ptr, mean, rstd, rows, rmask, ACT, NORM, COMPUTE, BLOCK_N)
+
+
+@triton.jit
+def _norm_act_apply(pre_ptr, y_ptr, N, nw_ptr, nb_ptr, mean, rstd, rows, rmask, ACT: tl.constexpr,
+                    NORM: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0, nb_step=1):
+    # _norm_act_fwd given the row statistics (mean, rstd; unused without NORM), over column blocks nb0, nb0 +
+    # nb_step, ... of BLOCK_N.
+    for nb in range(nb0, tl.cdiv(N, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         offs = rows[:, None] * N + cols[None, :]
@@ -229,10 +241,12 @@ def _norm_act_bwd(dy_ptr, pre_ptr, N, nw_ptr, nb_ptr, rstd_ptr, dpre_ptr, dv_ptr
 @triton.jit
 def _gru_fwd(x_ptr, ldx, X, h_ptr, D, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hout_ptr, save_ptr, rows, rmask,
              HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SAVE: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SAVE: tl.constexpr,
+             nb0=0, nb_step=1):
     # torch.nn.GRUCell on x [rows, X] (row stride ldx) and h (X dtype, [B, D]); weight_ih [3D, X], weight_hh [3D, D].
-    # Gate math in the epilogue of the six products. Saves [r, z, n, W_hn h + b_hn] per row (C, [B, 4D]).
-    for nb in range(0, tl.cdiv(D, BLOCK_N)):
+    # Gate math in the epilogue of the six products. Saves [r, z, n, W_hn h + b_hn] per row (C, [B, 4D]). Feature
+    # blocks nb0, nb0 + nb_step, ... of BLOCK_N only (all by default).
+    for nb in range(nb0, tl.cdiv(D, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < D
         zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
@@ -305,7 +319,16 @@ def _lngru_fwd(x_ptr, ldx, X, h_ptr, D, w_ptr, nw_ptr, nb_ptr, parts_ptr, rstd_p
     tl.debug_barrier()
     mean, rstd = _row_stats(parts_ptr, 3 * D, rows, rmask, EPS, COMPUTE, BLOCK_M, BLOCK_N)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
-    for nb in range(0, tl.cdiv(D, BLOCK_N)):
+    _lngru_gates(h_ptr, D, nw_ptr, nb_ptr, parts_ptr, mean, rstd, hout_ptr, rows, rmask, UPDATE_BIAS, COMPUTE,
+                 BLOCK_N)
+
+
+@triton.jit
+def _lngru_gates(h_ptr, D, nw_ptr, nb_ptr, parts_ptr, mean, rstd, hout_ptr, rows, rmask, UPDATE_BIAS: tl.constexpr,
+                 COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0, nb_step=1):
+    # The LayerNorm GRU's gates from parts [B, 3D] and its row statistics, for feature blocks nb0, nb0 + nb_step,
+    # ... of BLOCK_N: parts is left holding the normalised xhat, h' is written.
+    for nb in range(nb0, tl.cdiv(D, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]

@@ -191,3 +191,46 @@ def test_observe_recompute_must_be_a_bool(device):
     _, embed, action, *_ = _inputs(m, 2, 2, seed=9)
     with pytest.raises(TypeError, match="recompute must be a bool"):
         m.observe(embed, action, recompute=1)
+
+
+# -- the feature split of the forward loop ----------------------------------------------------------------------------
+# Its P programs per row block meet at grid barriers, so they must run at once: on the CPU, under the threaded
+# interpreter of tests/concurrent.py. Sizes with several column blocks of 16 per layer: deter 40 (3 blocks), hidden
+# 70 (5), so that with P = 4 some programs own no feature of the cell.
+
+SPLIT_CASES = [(2, CONFIGS[0]), (4, CONFIGS[1]), (3, CONFIGS[2]), (4, CONFIGS[3])]
+
+
+@pytest.fixture
+def feature_split(monkeypatch):
+    from fastwm.kernels import observe as k
+
+    from .concurrent import concurrent_programs
+
+    def use(p: int):
+        monkeypatch.setattr(k, "FEATURE_SPLIT", p)
+        monkeypatch.setattr(k, "LOOP_BLOCK_N", 16)
+        monkeypatch.setattr(k, "INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY", True)
+        return concurrent_programs()
+
+    return use
+
+
+@pytest.mark.parametrize("p,cfg", SPLIT_CASES, ids=[f"P{p}-{i}" for (p, _), i in zip(SPLIT_CASES, CONFIG_IDS)])
+def test_feature_split_observe_matches_float64_reference(device, p, cfg, feature_split, poison):
+    from fastwm.kernels import observe as k
+
+    m = _model(device, torch.float32, deter=40, hidden=70, **cfg)
+    m64 = copy.deepcopy(m).double()
+    b, t = 19, 4
+    start, embed, action, first, noise, prior_noise = _inputs(m, b, t, seed=12)
+    with feature_split(p):
+        assert k.split_programs(b, m.deter, 70, torch.device(device)) == p
+        outs, grads = _run(m, "triton", start, embed, action, first, noise, prior_noise)
+    as64 = [x.double() for x in (embed, action, noise, prior_noise)]
+    outs64, grads64 = _run(m64, "reference", fastwm.State(*(x.double() for x in start)), as64[0], as64[1], first,
+                           as64[2], as64[3])
+    for name, a, e in zip(OUT_NAMES, outs, outs64):
+        assert_close(a, e, torch.float32, name)
+    for name, a, e in zip(_names(m), grads, grads64):
+        assert_close(a, e, torch.float32, f"d {name}")
