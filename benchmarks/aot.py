@@ -124,6 +124,19 @@ def _compile_only(arch: int, record: Callable[[str, object, float], None]) -> It
         driver._active = previous
 
 
+@contextmanager
+def _feature_split(programs: int) -> Iterator[None]:
+    """observe's forward loop with its features split over up to ``programs`` programs (compiled, never run)."""
+    from fastwm.kernels import observe
+
+    saved = observe.FEATURE_SPLIT, observe.INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY
+    observe.FEATURE_SPLIT, observe.INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY = programs, True
+    try:
+        yield
+    finally:
+        observe.FEATURE_SPLIT, observe.INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY = saved
+
+
 def _resources(cubin: bytes, tool: str) -> tuple[int | None, int | None, int | None]:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -173,6 +186,8 @@ def _scenarios(dtypes: tuple[str, ...], cells: tuple[str, ...],
         post, prior, kl = m.observe(emb, act, first, return_kl=True)
         (post.stoch.sum() + prior.mean.sum() + kl.sum() + post.deter.sum()).backward() if cell != "none" else \
             (post.stoch.sum() + prior.mean.sum() + kl.sum()).backward()
+        with _feature_split(8):
+            m.observe(emb, act, first)
         state = m.initial(b)
         post1, prior1 = m.obs_step(state, act[:, 0], emb[:, 0])
         (post1.stoch.sum() + prior1.std.sum()).backward()

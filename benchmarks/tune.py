@@ -4,8 +4,10 @@ The tile sizes and warp counts in ``fastwm.kernels`` were chosen without a GPU, 
 (``benchmarks.aot``: registers and spills). This times the alternatives on the device at hand, each case once per
 variant in the same run, and prints each variant's median beside the current default's:
 
-* observe forward+backward (dreamerv3 16 x 64 and planet 50 x 50; fp32 and bf16) with 4 and 8 warps for the time
-  loops (``NUM_WARPS_STEP``) and three product tiles for them (``LOOP_BLOCK_N`` x ``LOOP_BLOCK_K``);
+* observe forward+backward (dreamerv3 16 x 64 and planet 50 x 50; fp32 and bf16) and forward alone (dreamerv3)
+  with 4 and 8 warps for the time loops (``NUM_WARPS_STEP``), three product tiles for them (``LOOP_BLOCK_N`` x
+  ``LOOP_BLOCK_K``), and the forward loop's feature split over 8 to 32 programs per row block (``FEATURE_SPLIT``;
+  the default, 0, is the row split);
 * imagine (dreamerv3, H = 15, N = 2,500 and 16,384; bf16 and fp32) over the rollout's row-block and tile choices
   and the two warp counts;
 * the CEM decision at PlaNet's settings with 4 and 8 warps.
@@ -44,6 +46,7 @@ class Variant:
     num_warps_step: int | None = None
     rollout_tiles: tuple[int, int, int] | None = None
     observe_tiles: tuple[int, int] | None = None  # (BLOCK_N, BLOCK_K) of observe's two time loops
+    feature_split: int | None = None  # observe's FEATURE_SPLIT: programs per row block of the forward loop
 
 
 def variants_for(case: str) -> list[Variant]:
@@ -51,7 +54,9 @@ def variants_for(case: str) -> list[Variant]:
     warps = [Variant(DEFAULT), Variant("warps4", num_warps_step=4), Variant("warps8", num_warps_step=8)]
     if case == "observe":
         return warps + [Variant(f"loop{n}x{k}-w{w}", num_warps_step=w, observe_tiles=(n, k))
-                        for n, k in ((64, 32), (32, 32), (32, 16)) for w in (4, 8)]
+                        for n, k in ((64, 32), (32, 32), (32, 16)) for w in (4, 8)] + \
+            [Variant(f"split{p}-loop{n}x16", feature_split=p, observe_tiles=(n, 16))
+             for p, n in ((8, 32), (16, 32), (16, 16), (32, 16))]
     if case != "imagine":
         return warps
     tiles = [(16, 64, 32), (32, 32, 32), (64, 32, 32), (128, 16, 16)]
@@ -66,7 +71,7 @@ def _launch_config(v: Variant) -> Iterator[None]:
 
     saved = [(m, "NUM_WARPS_STEP", m.NUM_WARPS_STEP) for m in (rssm, observe, rollout)]
     saved += [(rollout, "_rollout_tiles", rollout._rollout_tiles), (observe, "LOOP_BLOCK_N", observe.LOOP_BLOCK_N),
-              (observe, "LOOP_BLOCK_K", observe.LOOP_BLOCK_K)]
+              (observe, "LOOP_BLOCK_K", observe.LOOP_BLOCK_K), (observe, "FEATURE_SPLIT", observe.FEATURE_SPLIT)]
     try:
         if v.num_warps_step is not None:
             for m, _, _ in saved[:3]:
@@ -75,6 +80,8 @@ def _launch_config(v: Variant) -> Iterator[None]:
             rollout._rollout_tiles = lambda n, device, closed_loop, t=v.rollout_tiles: t
         if v.observe_tiles is not None:
             observe.LOOP_BLOCK_N, observe.LOOP_BLOCK_K = v.observe_tiles
+        if v.feature_split is not None:
+            observe.FEATURE_SPLIT = v.feature_split
         yield
     finally:
         for m, name, value in saved:
@@ -88,12 +95,13 @@ def _cases(device: torch.device, quick: bool) -> Iterator[tuple[str, str, dict[s
     dtypes = [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float32]
     for dtype in dtypes:
         dn = str(dtype).removeprefix("torch.")
-        for size_name in ("dreamerv3", "planet"):
+        for size_name, mode in (("dreamerv3", "fwd_bwd"), ("planet", "fwd_bwd"), ("dreamerv3", "fwd")):
             size = bench_rssm.size_for(size_name, quick)
-            yield ("observe", f"observe fwd_bwd {size_name} {size.B}x{size.T} {dn}",
-                   {"benchmark": "rssm_observe", "size": size_name, "B": size.B, "T": size.T, "dtype": dn},
-                   lambda size=size, dtype=dtype: bench_rssm.build_case("observe", "fwd_bwd", "fastwm", size, dtype,
-                                                                        device).fn)
+            yield ("observe", f"observe {mode} {size_name} {size.B}x{size.T} {dn}",
+                   {"benchmark": "rssm_observe", "mode": mode, "size": size_name, "B": size.B, "T": size.T,
+                    "dtype": dn, "deter": size.deter, "hidden": size.hidden},
+                   lambda size=size, dtype=dtype, mode=mode: bench_rssm.build_case("observe", mode, "fastwm", size,
+                                                                                   dtype, device).fn)
         size = bench_rssm.size_for("dreamerv3", quick)
         for n in (bench_rollout.QUICK_N if quick else (2500, 16384)):
             h = bench_rollout.QUICK_H[0] if quick else 15
@@ -130,11 +138,18 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...]) -> list[dict[
                     print(f"{name:48s} {v.name:22s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                     rows.append({**fields, "case": name, "variant": v.name, "error": f"{type(exc).__name__}: {exc}"})
                     continue
+            if kind == "observe":  # the programs per row block the forward loop really ran with
+                from fastwm.kernels import observe
+
+                with _launch_config(v):
+                    fields = {**fields, "split_programs": observe.split_programs(fields["B"], fields["deter"],
+                                                                                 fields["hidden"], device)}
             if v.name == DEFAULT:
                 base = median
             ratio = base / median if base else None
             rows.append({**fields, "case": name, "variant": v.name, "num_warps_step": v.num_warps_step,
-                         "rollout_tiles": v.rollout_tiles, "observe_tiles": v.observe_tiles, "median_ms": median,
+                         "rollout_tiles": v.rollout_tiles, "observe_tiles": v.observe_tiles,
+                         "feature_split": v.feature_split, "median_ms": median,
                          "p20_ms": p20, "p80_ms": p80,
                          "speedup_vs_default": ratio})
             print(f"{name:48s} {v.name:22s} {median:10.4f} ms  x{ratio:.3f} vs default" if ratio else

@@ -83,16 +83,20 @@ INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY = False
 
 @triton.jit
 def _keep_copy(dst_ptr, src_ptr, N, keep, rows, rmask, HAS_SRC: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, CACHE: tl.constexpr = ""):
-    # dst[rows, :N] = keep[:, None] * src (0 without HAS_SRC); row-major, row length N, cast to dst's dtype. CACHE
-    # ".cg" reads src past the L1 cache: what other programs wrote.
+               BLOCK_N: tl.constexpr, PAST_L1: tl.constexpr = False):
+    # dst[rows, :N] = keep[:, None] * src (0 without HAS_SRC); row-major, row length N, cast to dst's dtype.
+    # PAST_L1 reads src past the L1 cache (".cg"): what other programs wrote.
     for nb in range(0, tl.cdiv(N, BLOCK_N)):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         offs = rows[:, None] * N + cols[None, :]
         mask = rmask[:, None] & (cols < N)[None, :]
         v = tl.zeros([BLOCK_M, BLOCK_N], dtype=keep.dtype)
         if HAS_SRC:
-            v = tl.load(src_ptr + offs, mask=mask, other=0.0, cache_modifier=CACHE).to(keep.dtype) * keep[:, None]
+            if PAST_L1:
+                v = tl.load(src_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            else:
+                v = tl.load(src_ptr + offs, mask=mask, other=0.0)
+            v = v.to(keep.dtype) * keep[:, None]
         tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
@@ -219,27 +223,29 @@ def _part_stats(pre_ptr, ld, N, rows, rmask, stats_ptr, p, B, NCHUNK: tl.constex
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P):
     # This program's share of a LayerNorm's row statistics, over its column blocks (p, p + P, ...) of each of the
     # NCHUNK chunks of width N of pre (row stride ld): (count, mean, sum of squared deviations) -> stats[p, rows].
-    s1 = tl.zeros([BLOCK_M], dtype=COMPUTE)
-    n = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    # tiles summed across the loop, reduced once after it
+    s1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    n = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
     for nb in range(p, tl.cdiv(N, BLOCK_N), P):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = rmask[:, None] & (cols < N)[None, :]
-        n += NCHUNK * tl.sum(mask.to(COMPUTE), axis=1)
+        n += tl.where(mask, NCHUNK, 0.0)
         for c in tl.static_range(NCHUNK):
-            s1 += tl.sum(tl.load(pre_ptr + rows[:, None] * ld + c * N + cols[None, :], mask=mask, other=0.0), axis=1)
-    mean = s1 / tl.maximum(n, 1.0)
-    s2 = tl.zeros([BLOCK_M], dtype=COMPUTE)
+            s1 += tl.load(pre_ptr + rows[:, None] * ld + c * N + cols[None, :], mask=mask, other=0.0)
+    n_row = tl.sum(n, axis=1)
+    mean = tl.sum(s1, axis=1) / tl.maximum(n_row, 1.0)
+    s2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
     for nb in range(p, tl.cdiv(N, BLOCK_N), P):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = rmask[:, None] & (cols < N)[None, :]
         for c in tl.static_range(NCHUNK):
             v = tl.load(pre_ptr + rows[:, None] * ld + c * N + cols[None, :], mask=mask, other=0.0)
             d = tl.where(mask, v - mean[:, None], 0.0)
-            s2 += tl.sum(d * d, axis=1)
+            s2 += d * d
     base = (p * B + rows) * 3
-    tl.store(stats_ptr + base, n, mask=rmask)
+    tl.store(stats_ptr + base, n_row, mask=rmask)
     tl.store(stats_ptr + base + 1, mean, mask=rmask)
-    tl.store(stats_ptr + base + 2, s2, mask=rmask)
+    tl.store(stats_ptr + base + 2, tl.sum(s2, axis=1), mask=rmask)
 
 
 @triton.jit
@@ -347,7 +353,7 @@ def _observe_split_fwd_kernel(
             else:
                 _keep_copy(zt, zq_o, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
                 if HAS_D:
-                    _keep_copy(ht, hs + (t - 1) * B * D, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N, ".cg")
+                    _keep_copy(ht, hs + (t - 1) * B * D, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N, True)
             tl.debug_barrier()
             # the input layer, whole in every program (its action part too: no hoisted product to start from)
             xp_o = _pick(own, x_pre + t * B * HD, pxp + pp * B * HD)
@@ -379,7 +385,7 @@ def _observe_split_fwd_kernel(
                 # all of h' for the posterior head: everyone's features
                 n_bar += 1
                 _grid_barrier(count, n_bar * P)
-                _keep_copy(hc, hs + t * B * D, D, ones, rows, rmask, True, BLOCK_M, BLOCK_N, ".cg")
+                _keep_copy(hc, hs + t * B * D, D, ones, rows, rmask, True, BLOCK_M, BLOCK_N, True)
                 tl.debug_barrier()
             hin, DH = _head_input(hc, xa_o, D, HD, CELL)
             # the posterior head's first layer, this program's columns (q_pre holds the embedding's product)
@@ -669,15 +675,17 @@ def _observe_split_fwd(
                scratch(2 * s, cdt), scratch(s, dt), scratch(s, dt), scratch(s, dt), scratch(d, dt))
     (z_in, h_in, a_in, x_pre, x_rstd, x_act, c_save, c_rstd, _, _, _, _, q_pre, q_rstd, q_y, q_raw) = saved
 
-    def p(t: torch.Tensor | None) -> torch.Tensor:
-        return z0 if t is None or t.numel() == 0 else t
+    def p(t: torch.Tensor | None, like: torch.Tensor = z0) -> torch.Tensor:
+        # an absent buffer's stand-in, of the dtype the kernel expects (a picked pointer's two sides must agree)
+        return like if t is None or t.numel() == 0 else t
 
     _observe_split_fwd_kernel[(n_rb, n_split)](
         z0, h0, first, noise, seed,
         w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),
         w_q1, p(b_q1), p(nw_q1), p(nb_q1), w_q2, b_q2,
         p(outs[0]), outs[4], outs[5], outs[6],
-        z_in, p(h_in), a_in, x_pre, p(x_rstd), x_act, p(c_save), p(c_rstd), q_pre, p(q_rstd), q_y, q_raw,
+        z_in, p(h_in), a_in, x_pre, p(x_rstd, part), x_act, p(c_save, part), p(c_rstd, part), q_pre,
+        p(q_rstd, part), q_y, q_raw,
         count, part, stats, *private,
         bsz, t_len, s, a_dim, d, e_dim, hd, c_save.shape[-1] if c_save.dim() == 3 else 0,
         CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not z0, NOISE_Q=1 if noise is not z0 else 2,

@@ -20,6 +20,7 @@ import triton
 from triton.runtime import interpreter as _interp
 
 _local = threading.local()
+_cancelled = threading.Event()  # set when a launch timed out: its programs stop at their next atomic
 
 
 def _run_concurrently(self: _interp.GridExecutor, *args_dev, timeout_s: float, **kwargs) -> None:
@@ -52,9 +53,13 @@ def _run_concurrently(self: _interp.GridExecutor, *args_dev, timeout_s: float, *
         deadline = time.monotonic() + timeout_s
         for th in threads:
             th.join(max(0.0, deadline - time.monotonic()))
-            if th.is_alive():
-                raise TimeoutError(f"{self.fn.__name__}: a program was still running after {timeout_s:.0f} s "
-                                   "(a grid barrier that never opened?)")
+        if any(th.is_alive() for th in threads):
+            _cancelled.set()  # stop the stuck programs (at their next atomic) instead of leaving them spinning
+            for th in threads:
+                th.join(60.0)
+            _cancelled.clear()
+            raise TimeoutError(f"{self.fn.__name__}: a program was still running after {timeout_s:.0f} s "
+                               "(a grid barrier that never opened?)")
         if errors:
             raise errors[0]
     finally:
@@ -75,6 +80,8 @@ def concurrent_programs(timeout_s: float = 600.0) -> Iterator[None]:
         return _interp.TensorHandle(np.array([idx[axis]], dtype=np.int32), triton.language.int32)
 
     def create_atomic_rmw(self, *args):
+        if _cancelled.is_set():
+            raise TimeoutError("cancelled: the launch timed out")
         out = saved[1](self, *args)
         time.sleep(1e-4)  # let the other programs run while this one polls a barrier
         return out

@@ -234,3 +234,44 @@ def test_feature_split_observe_matches_float64_reference(device, p, cfg, feature
         assert_close(a, e, torch.float32, name)
     for name, a, e in zip(_names(m), grads, grads64):
         assert_close(a, e, torch.float32, f"d {name}")
+
+
+def test_feature_split_stays_off_where_programs_run_one_by_one(monkeypatch):
+    """The stock interpreter runs programs one after another: a grid barrier there would wait forever, so the split
+    is refused on the CPU unless the interpreter runs them concurrently; FEATURE_SPLIT 0 (the default) is off."""
+    from fastwm.kernels import observe as k
+
+    cpu = torch.device("cpu")
+    assert k.split_programs(16, 512, 512, cpu) == 1
+    monkeypatch.setattr(k, "FEATURE_SPLIT", 16)
+    assert k.split_programs(16, 512, 512, cpu) == 1
+    monkeypatch.setattr(k, "INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY", True)
+    assert k.split_programs(16, 512, 512, cpu) == 16
+    assert k.split_programs(16, 40, 20, cpu) == 2  # no more programs than column blocks (of LOOP_BLOCK_N = 32)
+    assert k.split_programs(16, 20, 20, cpu) == 1
+
+
+def test_threaded_interpreter_runs_programs_concurrently():
+    """tests/concurrent.py itself: program 0 waits for a flag that only program 1 sets, which finishes only under
+    concurrent programs (and raises its timeout, not hangs, when the flag never comes)."""
+    import triton
+    import triton.language as tl
+
+    from .concurrent import concurrent_programs
+
+    @triton.jit
+    def handshake(flag_ptr, out_ptr):
+        pid = tl.program_id(0)
+        if pid == 1:
+            tl.atomic_add(flag_ptr, 1, sem="release")
+        else:
+            while tl.atomic_add(flag_ptr, 0, sem="acquire") < 1:
+                pass
+            tl.store(out_ptr, 7.0)
+
+    flag, out = torch.zeros(1, dtype=torch.int32), torch.zeros(1)
+    with concurrent_programs(timeout_s=60):
+        handshake[(2,)](flag, out)
+    assert out.item() == 7.0 and flag.item() == 1
+    with concurrent_programs(timeout_s=2), pytest.raises(TimeoutError, match="still running"):
+        handshake[(1,)](torch.zeros(1, dtype=torch.int32), out)
