@@ -6,8 +6,12 @@
 #   FASTWM_COMMIT=<sha> bash benchmarks/gpu_session.sh PART [PART ...]
 #
 # Parts, in the order to run them:
-#   tests        pytest --device cuda over every test file (8 workers: compilation is CPU-bound)
-#   tune         benchmarks.tune: warps and rollout tiles against the defaults (fix the defaults before benching)
+#   split        first, alone: observe's feature-split forward loop against the float64 reference on cuda. Its
+#                programs meet at grid barriers, never run on a GPU before: a hang is killed after 180 s (and then
+#                run tune with TUNE_ARGS=--no-split)
+#   tests        pytest --device cuda over every other test (8 workers: compilation is CPU-bound)
+#   tune         benchmarks.tune: warps, tiles and the feature split against the defaults (fix the defaults before
+#                benching)
 #   observe      bench rssm, observe only (fwd, fwd_bwd; both sizes; fp32, bf16; every provider)
 #   steps        bench rssm, img_step and obs_step
 #   rollout      bench rollout: imagine, imagine_return, cem_decision, and the throughput plot
@@ -32,10 +36,14 @@ status=0
 for part in "$@"; do
   echo "=== $part"
   case "$part" in
+    split)
+      timeout -s KILL 180 $py -m pytest tests/test_observe.py -k feature_split --device cuda -q -p no:cacheprovider \
+        2>&1 | tee "$OUT/split.log" | tail -20 ;;
     tests)
-      $py -m pytest tests --device cuda -q -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -40 ;;
+      $py -m pytest tests --device cuda -q -n 8 -p no:cacheprovider -k "not feature_split" 2>&1 |
+        tee "$OUT/tests.log" | tail -40 ;;
     tune)
-      $py -m benchmarks.tune --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
+      $py -m benchmarks.tune --out "$OUT" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" ;;
     observe)
       $py -m fastwm bench --suite rssm --ops observe --out "$OUT" 2>&1 | tee "$OUT/bench_observe.log" | tail -60 ;;
     steps)
@@ -49,7 +57,7 @@ for part in "$@"; do
       fi
       $py -m fastwm demo --device cuda --out "$OUT/demo" 2>&1 | tee "$OUT/demo.log" | tail -30 ;;
     *)
-      echo "unknown part: $part (tests, tune, observe, steps, rollout, demo)"; status=2 ;;
+      echo "unknown part: $part (split, tests, tune, observe, steps, rollout, demo)"; status=2 ;;
   esac
   rc=$?  # pipefail: the part's own status, not tee's or tail's
   [ "$rc" -eq 0 ] || status=1

@@ -116,8 +116,9 @@ def _cases(device: torch.device, quick: bool) -> Iterator[tuple[str, str, dict[s
            lambda: bench_rollout.build_cem_case("fastwm", size, settings, torch.float32, device).fn)
 
 
-def run(device: torch.device, quick: bool, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Time every variant of every case; rows carry median / p20 / p80 ms and the ratio to the default's median."""
+def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool = True) -> list[dict[str, Any]]:
+    """Time every variant of every case (without ``split``, none of the feature-split ones); rows carry median /
+    p20 / p80 ms and the ratio to the default's median."""
     import fastwm
 
     from .harness import _sync, time_fn
@@ -128,6 +129,8 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...]) -> list[dict[
             continue
         base = None
         for v in variants_for(kind):
+            if v.feature_split and not split:
+                continue
             with _launch_config(v), fastwm.backend("triton"):
                 try:
                     fn = build()
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--kinds", default="observe,imagine,cem", help="comma list of observe, imagine, cem")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (always on the CPU)")
+    parser.add_argument("--no-split", action="store_true", help="leave out observe's feature-split variants")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick or device.type == "cpu"
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "quick": quick}
     print(f"tune on {meta['device']} ({device}), quick={quick}")
-    rows = run(device, quick, tuple(args.kinds.split(",")))
+    rows = run(device, quick, tuple(args.kinds.split(",")), split=not args.no_split)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.json").write_text(json.dumps([{**r, **meta} for r in rows], indent=1) + "\n")
