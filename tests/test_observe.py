@@ -275,3 +275,21 @@ def test_threaded_interpreter_runs_programs_concurrently():
     assert out.item() == 7.0 and flag.item() == 1
     with concurrent_programs(timeout_s=2), pytest.raises(TimeoutError, match="still running"):
         handshake[(1,)](torch.zeros(1, dtype=torch.int32), out)
+
+
+def test_feature_split_seeded_noise_is_the_row_splits(device, feature_split):
+    """Noise drawn in the kernel from the seed (posterior: seed[0] + t, as the row-split loop draws it): the split
+    loop's samples are the row split's, and so are the gradients of a loss on them."""
+    m = _model(device, torch.float64, deter=40, hidden=70, cell="gru", norm=True)
+    start, embed, action, first, _, _ = _inputs(m, 7, 3, seed=13)
+    results = []
+    for p in (1, 3):
+        m.zero_grad()
+        with feature_split(p), fastwm.backend("triton"):
+            post, prior = m.observe(embed, action, first, start, generator=torch.Generator().manual_seed(5))
+            (post.stoch.square().sum() + prior.stoch.sum()).backward()
+        results.append(([*post, *prior], [q.grad.clone() for q in m.parameters()]))
+    for name, a, e in zip(OUT_NAMES, results[1][0], results[0][0]):
+        assert_close(a, e, torch.float64, name)
+    for (name, _), a, e in zip(m.named_parameters(), results[1][1], results[0][1]):
+        assert_close(a, e, torch.float64, f"d {name}")
