@@ -667,7 +667,7 @@ def _observe_split_fwd(
     dt, cdt = z0.dtype, compute_dtype(z0.dtype)
 
     def scratch(width: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty((n_split, bsz, max(width, 1)), device=z0.device, dtype=dtype)
+        return empty((n_split, bsz, max(width, 1)), like=z0, dtype=dtype)
 
     count = torch.zeros(n_rb, device=z0.device, dtype=torch.int32)
     part, stats = scratch(2 * s, cdt), scratch(3, cdt)

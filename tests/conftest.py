@@ -83,11 +83,12 @@ def assert_close(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dt
 @pytest.fixture
 def poison(monkeypatch: pytest.MonkeyPatch):
     """Make every output the kernels' launchers allocate start as NaN."""
-    from fastwm.kernels import gaussian, rssm
+    from fastwm.kernels import gaussian, observe, rollout, rssm
 
     def nan_empty(shape, *, like, dtype=None):
         return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype if dtype is None else dtype)
 
-    for module in (gaussian, rssm):
+    # every launcher module that allocates through gaussian.empty (each imported it by name)
+    for module in (gaussian, rssm, observe, rollout):
         monkeypatch.setattr(module, "empty", nan_empty)
     return nan_empty
