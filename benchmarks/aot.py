@@ -186,8 +186,9 @@ def _scenarios(dtypes: tuple[str, ...], cells: tuple[str, ...],
         post, prior, kl = m.observe(emb, act, first, return_kl=True)
         (post.stoch.sum() + prior.mean.sum() + kl.sum() + post.deter.sum()).backward() if cell != "none" else \
             (post.stoch.sum() + prior.mean.sum() + kl.sum()).backward()
-        with _feature_split(8):
-            m.observe(emb, act, first)
+        with _feature_split(8):  # the forward and reverse loops with their features split
+            post, prior, kl = m.observe(emb, act, first, return_kl=True)
+            (post.stoch.sum() + prior.mean.sum() + kl.sum()).backward()
         state = m.initial(b)
         post1, prior1 = m.obs_step(state, act[:, 0], emb[:, 0])
         (post1.stoch.sum() + prior1.std.sum()).backward()

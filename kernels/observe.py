@@ -43,6 +43,7 @@ from .rssm import (
     _dot_acc,
     _gauss_bwd,
     _gauss_fwd,
+    _gru_bwd,
     _gru_fwd,
     _head_bwd,
     _head_fwd,
@@ -51,10 +52,15 @@ from .rssm import (
     _kl_bwd,
     _kl_fwd,
     _linear,
+    _lngru_bwd_gates,
+    _lngru_bwd_parts,
     _lngru_gates,
     _load_seeds,
     _norm_act_apply,
+    _norm_act_bwd,
     _norm_act_fwd,
+    _norm_bwd_apply,
+    _norm_bwd_sums,
     _prec,
     _step_bwd_body,
     _step_fwd_body,
@@ -83,10 +89,10 @@ INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY = False
 
 @triton.jit
 def _keep_copy(dst_ptr, src_ptr, N, keep, rows, rmask, HAS_SRC: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, PAST_L1: tl.constexpr = False):
+               BLOCK_N: tl.constexpr, PAST_L1: tl.constexpr = False, nb0=0, nb_step=1):
     # dst[rows, :N] = keep[:, None] * src (0 without HAS_SRC); row-major, row length N, cast to dst's dtype.
-    # PAST_L1 reads src past the L1 cache (".cg"): what other programs wrote.
-    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+    # PAST_L1 reads src past the L1 cache (".cg"): what other programs wrote. Column blocks nb0, nb0 + nb_step, ...
+    for nb in range(nb0, tl.cdiv(N, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         offs = rows[:, None] * N + cols[None, :]
         mask = rmask[:, None] & (cols < N)[None, :]
@@ -101,9 +107,11 @@ def _keep_copy(dst_ptr, src_ptr, N, keep, rows, rmask, HAS_SRC: tl.constexpr, BL
 
 
 @triton.jit
-def _add_keep(dst_ptr, a_ptr, b_ptr, N, keep, rows, rmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # dst = a + keep[:, None] * b over rows [rows] of length N (a: upstream grads, b: the carried gradient).
-    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+def _add_keep(dst_ptr, a_ptr, b_ptr, N, keep, rows, rmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0,
+              nb_step=1):
+    # dst = a + keep[:, None] * b over rows [rows] of length N (a: upstream grads, b: the carried gradient), column
+    # blocks nb0, nb0 + nb_step, ...
+    for nb in range(nb0, tl.cdiv(N, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         offs = rows[:, None] * N + cols[None, :]
         mask = rmask[:, None] & (cols < N)[None, :]
@@ -411,6 +419,165 @@ def _observe_split_fwd_kernel(
 
 
 @triton.jit
+def _put_sums(stats_ptr, p, B, rows, rmask, a, b):
+    # this program's share of two row sums -> stats[p, rows, 0:2]
+    base = (p * B + rows) * 3
+    tl.store(stats_ptr + base, a, mask=rmask)
+    tl.store(stats_ptr + base + 1, b, mask=rmask)
+
+
+@triton.jit
+def _sum_shares(stats_ptr, P, B, rows, rmask, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr):
+    # the two row sums of _put_sums over the P programs, in program order
+    a = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    b = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    for q in range(0, P):
+        base = (q * B + rows) * 3
+        a += tl.load(stats_ptr + base, mask=rmask, other=0.0, cache_modifier=".cg")
+        b += tl.load(stats_ptr + base + 1, mask=rmask, other=0.0, cache_modifier=".cg")
+    return a, b
+
+
+@triton.jit
+def _observe_split_bwd_kernel(
+    first_ptr, nq_ptr, seed_ptr,  # as in the forward
+    w_in, nw_in, nb_in, w_c1, w_c2, nw_c, nb_c, w_q1, nw_q1, nb_q1, w_q2,
+    h_in, x_pre, x_rstd, c_save, c_rstd, q_pre, q_rstd, q_raw,  # saved by the forward
+    g_head, g_zq, g_qm, g_qs, d_qkl,  # g_head [T, B, D'], upstream [T, B, S] x 3, the KL's d q_raw [T, B, 2S] (C)
+    d_z0, d_h0,  # out [B, S], [B, D] (C)
+    d_xpre, d_xv, d_c1, d_c2, d_qraw, d_qpre, d_qv,  # out [T, B, ...] (C), as in _observe_bwd_kernel
+    count_ptr, stats,  # int32 [row blocks] zeros; [P, B, 3] (C)
+    d_qy, d_hin, d_x, carry_h,  # shared scratch [B, Hd], [B, D'], [B, Hd], [B, D] (C): each program its columns
+    pgz, pcz, pdq, pdqp, pdc1, pdc2, pdx, pdxp, pdxv,  # private [P, B, ...]: S, S, 2S, Hd, 3D, 3D, Hd, Hd, Hd (C)
+    B, T, S, A, D, E, HD, C_W,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, NOISE_Q: tl.constexpr,
+    STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, UPDATE_BIAS: tl.constexpr,
+    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # The reverse loop of _observe_bwd_kernel with the features split as in the forward: per step, in every
+    # program the posterior sample's backward (2S wide); split, the posterior head's first layer (LayerNorm sums
+    # from the P shares) -> barrier; the gradient at the heads' input and the cell's backward on this program's
+    # features (the LayerNorm GRU's sums likewise) -> barrier; d x on its columns -> barrier; then in every
+    # program the input layer's backward and the gradient carried to step t - 1's stoch. The carried deter
+    # gradient stays split: each program carries its own features.
+    rb = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < B
+    own = p == 0
+    pp = p.to(tl.int64)
+    HAS_D: tl.constexpr = CELL != 2
+    DH = _head_width(D, HD, CELL)
+    count = count_ptr + rb
+    n_bar = 0
+    q_seed, _ = _load_seeds(seed_ptr, NOISE_Q, 1, True)
+    ones = tl.full([BLOCK_M], 1.0, COMPUTE)
+    gz, cz = pgz + pp * B * S, pcz + pp * B * S
+    dqp, dxc = pdqp + pp * B * HD, pdx + pp * B * HD
+    dc1c, dc2c = pdc1 + pp * B * 3 * D, pdc2 + pp * B * 3 * D
+    for i in range(0, T):
+        t = T - 1 - i
+        # the gradient reaching step t's outputs: upstream, plus what step t + 1 sends back through its input
+        # state unless step t + 1 was reset (the stoch's in every program, the deter's on this program's features)
+        if i == 0:
+            _keep_copy(gz, g_zq + t * B * S, S, ones, rows, rmask, True, BLOCK_M, BLOCK_N)
+            _keep_copy(d_hin, g_head + t * B * DH, DH, ones, rows, rmask, True, BLOCK_M, BLOCK_N, False, p, P)
+        else:
+            keep_next = _keep_of(first_ptr + (t + 1) * B, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
+            _add_keep(gz, g_zq + t * B * S, cz, S, keep_next, rows, rmask, BLOCK_M, BLOCK_N)
+            if HAS_D:
+                _add_keep(d_hin, g_head + t * B * D, carry_h, D, keep_next, rows, rmask, BLOCK_M, BLOCK_N, p, P)
+            else:
+                _keep_copy(d_hin, g_head + t * B * HD, HD, ones, rows, rmask, True, BLOCK_M, BLOCK_N, False, p, P)
+        # the posterior sample's backward, whole in every program: d q_raw = the KL's + the sample's
+        dq = _pick(own, d_qraw + t * B * 2 * S, pdq + pp * B * 2 * S)
+        _keep_copy(dq, d_qkl + t * B * 2 * S, 2 * S, ones, rows, rmask, True, BLOCK_M, BLOCK_N)
+        tl.debug_barrier()
+        _gauss_bwd(q_raw + t * B * 2 * S, S, nq_ptr + t * B * S, q_seed + t, gz, g_qm + t * B * S, g_qs + t * B * S,
+                   dq, q_raw, q_raw, dq, rows, rmask, NOISE_Q, False, True, STD_MODE, MIN_STD, COMPUTE, BLOCK_M,
+                   BLOCK_S)
+        tl.debug_barrier()
+        # the posterior head's first layer, this program's columns
+        _linear(d_qy, HD, dq, 2 * S, 2 * S, dq, 0, 0, w_q2, 1, HD, HD, w_q2, rows, rmask,
+                False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, p, P)
+        tl.debug_barrier()
+        qpre, dqpre, dqv = q_pre + t * B * HD, d_qpre + t * B * HD, d_qv + t * B * HD
+        m1 = tl.zeros([BLOCK_M], dtype=COMPUTE)
+        m2 = m1
+        if NORM:
+            s1, s2 = _norm_bwd_sums(d_qy, qpre, HD, nw_q1, nb_q1, dqv, rows, rmask, ACT, COMPUTE, BLOCK_M, BLOCK_N,
+                                    p, P)
+            _put_sums(stats, p, B, rows, rmask, s1, s2)
+            n_bar += 1
+            _grid_barrier(count, n_bar * P)
+            m1, m2 = _sum_shares(stats, P, B, rows, rmask, COMPUTE, BLOCK_M)
+            m1 = m1 / HD
+            m2 = m2 / HD
+        _norm_bwd_apply(d_qy, qpre, HD, nw_q1, q_rstd + t * B, dqpre, dqv, m1, m2, rows, rmask, ACT, NORM, COMPUTE,
+                        BLOCK_N, p, P)
+        n_bar += 1
+        _grid_barrier(count, n_bar * P)
+        # the gradient at the heads' input, this program's features: += d pre @ W_q1[:, :D'] (all of d pre)
+        _keep_copy(dqp, dqpre, HD, ones, rows, rmask, True, BLOCK_M, BLOCK_N, True)
+        tl.debug_barrier()
+        _linear(d_hin, DH, dqp, HD, HD, dqp, 0, 0, w_q1, 1, DH + E, DH, w_q1, rows, rmask,
+                False, False, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, p, P)
+        tl.debug_barrier()
+        # the cell's backward on this program's features, then d x and the carried d h on its columns
+        hin_t, cs, dc1, dc2 = h_in + t * B * D, c_save + t * B * C_W, d_c1 + t * B * 3 * D, d_c2 + t * B * 3 * D
+        if CELL == 0:
+            _gru_bwd(d_hin, hin_t, cs, dc1, dc2, carry_h, D, rows, rmask, COMPUTE, BLOCK_M, BLOCK_N, p, P)
+        elif CELL == 1:
+            s1, s2 = _lngru_bwd_gates(d_hin, hin_t, D, nw_c, nb_c, cs, dc2, carry_h, rows, rmask, UPDATE_BIAS,
+                                      COMPUTE, BLOCK_M, BLOCK_N, p, P)
+            _put_sums(stats, p, B, rows, rmask, s1, s2)
+            n_bar += 1
+            _grid_barrier(count, n_bar * P)
+            m1, m2 = _sum_shares(stats, P, B, rows, rmask, COMPUTE, BLOCK_M)
+            _lngru_bwd_parts(D, nw_c, cs, c_rstd + t * B, dc2, dc1, m1 / (3 * D), m2 / (3 * D), rows, rmask,
+                             COMPUTE, BLOCK_N, p, P)
+        if HAS_D:
+            n_bar += 1
+            _grid_barrier(count, n_bar * P)
+            _keep_copy(dc1c, dc1, 3 * D, ones, rows, rmask, True, BLOCK_M, BLOCK_N, True)
+            if CELL == 0:
+                _keep_copy(dc2c, dc2, 3 * D, ones, rows, rmask, True, BLOCK_M, BLOCK_N, True)
+            tl.debug_barrier()
+            if CELL == 0:
+                _linear(d_x, HD, dc1c, 3 * D, 3 * D, dc1c, 0, 0, w_c1, 1, HD, HD, w_c1, rows, rmask,
+                        False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, p, P)
+                _linear(carry_h, D, dc2c, 3 * D, 3 * D, dc2c, 0, 0, w_c2, 1, D, D, w_c2, rows, rmask,
+                        False, False, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, p, P)
+            else:
+                _linear(d_x, HD, dc1c, 3 * D, 3 * D, dc1c, 0, 0, w_c1, 1, HD + D, HD, w_c1, rows, rmask,
+                        False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, p, P)
+                _linear(carry_h, D, dc1c, 3 * D, 3 * D, dc1c, 0, 0, w_c1 + HD, 1, HD + D, D, w_c1, rows, rmask,
+                        False, False, True, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, p, P)
+        else:
+            # no cell: d x is the heads' input gradient (copied: d_hin is rewritten before the next barrier)
+            _keep_copy(d_x, d_hin, HD, ones, rows, rmask, True, BLOCK_M, BLOCK_N, False, p, P)
+        n_bar += 1
+        _grid_barrier(count, n_bar * P)
+        # the input layer's backward and the stoch's carried gradient, whole in every program
+        _keep_copy(dxc, d_x, HD, ones, rows, rmask, True, BLOCK_M, BLOCK_N, True)
+        tl.debug_barrier()
+        dxp = _pick(own, d_xpre + t * B * HD, pdxp + pp * B * HD)
+        _norm_act_bwd(dxc, x_pre + t * B * HD, HD, nw_in, nb_in, x_rstd + t * B, dxp,
+                      _pick(own, d_xv + t * B * HD, pdxv + pp * B * HD), rows, rmask, ACT, NORM, COMPUTE, BLOCK_M,
+                      BLOCK_N)
+        tl.debug_barrier()
+        _linear(cz, S, dxp, HD, HD, dxp, 0, 0, w_in, 1, S + A, S, w_in, rows, rmask,
+                False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+    keep0 = _keep_of(first_ptr, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
+    _keep_copy(d_z0, cz, S, keep0, rows, rmask & own, True, BLOCK_M, BLOCK_N)
+    if HAS_D:
+        _keep_copy(d_h0, carry_h, D, keep0, rows, rmask, True, BLOCK_M, BLOCK_N, False, p, P)
+
+
+@triton.jit
 def _step_row_block(B, seed_ptr, NOISE_P: tl.constexpr, BLOCK_M: tl.constexpr):
     # A launch over all T x B rows, one program per (step, block of BLOCK_M rows): (t, rows, row mask, the prior's
     # seed of step 0).
@@ -702,11 +869,12 @@ def observe_bwd(
     prior_noise: torch.Tensor | None, seed: torch.Tensor, w: list[torch.Tensor | None],
     saved: tuple[torch.Tensor, ...],
     grads: tuple[torch.Tensor, ...], *, cell: int, act: int, norm: bool, std_mode: int, min_std: float,
-    update_bias: float = -1.0,
+    update_bias: float = -1.0, split: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The reverse-time backward of :func:`observe_fwd`. ``grads``: the upstream grads of the 8 outputs, contiguous
     time-major (zeros where none flowed). Returns (d_z0, d_h0, d_a [T, B, A] (before the reset mask), d_e, d_xpre,
-    d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv), all in the compute dtype."""
+    d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv), all in the compute dtype. ``split``: programs
+    per row block of the reverse loop, as in :func:`observe_fwd`."""
     (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
      w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = w
     t_len, bsz, e_dim = embed.shape
@@ -734,17 +902,26 @@ def observe_bwd(
         (z_in, h_in, a_in, x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw, q_pre, q_rstd, q_y,
          q_raw) = saved
         d_praw, d_ppre, d_pv, d_qraw = per_step[4], per_step[5], per_step[6], per_step[7]
+        n_split = split_programs(bsz, d if cell != 2 else 0, hd, z0.device) if split is None else split
         # Before the loop, over all T x B rows: the KL's and the prior head's backward. g_head: the gradient at the
-        # heads' input (deter, or x for cell "none") but the posterior head's share, which the loop adds.
+        # heads' input (deter, or x for cell "none") but the posterior head's share, which the loop adds. The KL's
+        # gradient with respect to the posterior's raw output goes to d_qraw, which the loop adds to (the split
+        # loop: to a buffer of its own, which every program reads while program 0 writes d_qraw).
+        d_qkl = d_qraw if n_split == 1 else buf((t_len, bsz, 2 * s))
         g_head, d_py = buf((t_len, bsz, dh_in)), buf((t_len, bsz, hd))
         _observe_prior_bwd_kernel[(t_len * triton.cdiv(bsz, BLOCK_M),)](
             p(grads[0]), p(prior_noise), seed, w_p1, p(nw_p1), p(nb_p1), w_p2, p_pre, p(p_rstd), p_raw, q_raw,
-            grads[1], grads[2], grads[3], grads[7], d_qraw, d_praw, d_py, d_ppre, p(d_pv), g_head, bsz, s, d, hd,
+            grads[1], grads[2], grads[3], grads[7], d_qkl, d_praw, d_py, d_ppre, p(d_pv), g_head, bsz, s, d, hd,
             CELL=cell, ACT=act, NORM=norm, NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode,
             MIN_STD=float(min_std), COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS,
         )
         del d_py
+        if n_split > 1:
+            _observe_split_bwd(z0, first, noise, seed, w, saved, grads, g_head, d_qkl, d_z0, d_h0, per_step, n_split,
+                               cell=cell, act=act, norm=norm, std_mode=std_mode, min_std=min_std,
+                               update_bias=update_bias)
+            return _hoisted_input_grads(w, s, d_z0, d_h0, d_a, d_e, per_step, cell)
         d_qy = buf((bsz, hd))
         # scratch; the loop's d_py (the prior head's, unused there) shares d_qy
         scratch = (buf((bsz, d), cell != 2), buf((bsz, s)), buf((bsz, d), cell != 2), buf((bsz, s)),
@@ -764,7 +941,63 @@ def observe_bwd(
             COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M,
             BLOCK_N=LOOP_BLOCK_N, BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
         )
-        # The input gradients of the hoisted products, one product each over all T x B rows.
-        torch.matmul(per_step[0].view(-1, hd), w_in[:, s:].to(cdt), out=d_a.view(-1, a_dim))
-        torch.matmul(per_step[8].view(-1, hd), w_q1[:, dh_in:].to(cdt), out=d_e.view(-1, e_dim))
+        return _hoisted_input_grads(w, s, d_z0, d_h0, d_a, d_e, per_step, cell)
     return (d_z0, d_h0, d_a, d_e) + per_step
+
+
+def _hoisted_input_grads(w: list[torch.Tensor | None], s: int, d_z0: torch.Tensor, d_h0: torch.Tensor,
+                         d_a: torch.Tensor, d_e: torch.Tensor, per_step: tuple[torch.Tensor, ...],
+                         cell: int) -> tuple[torch.Tensor, ...]:
+    """The input gradients of the hoisted products, one product each over all T x B rows (the action's from d
+    x_pre, the embedding's from d q_pre); returns observe_bwd's result."""
+    w_in, w_q1 = w[0], w[16]
+    hd, cdt = w_in.shape[0], d_a.dtype
+    dh_in = hd if cell == 2 else w_q1.shape[1] - d_e.shape[2]
+    torch.matmul(per_step[0].view(-1, hd), w_in[:, s:].to(cdt), out=d_a.view(-1, d_a.shape[2]))
+    torch.matmul(per_step[8].view(-1, hd), w_q1[:, dh_in:].to(cdt), out=d_e.view(-1, d_e.shape[2]))
+    return (d_z0, d_h0, d_a, d_e) + per_step
+
+
+def _observe_split_bwd(
+    z0: torch.Tensor, first: torch.Tensor | None, noise: torch.Tensor | None, seed: torch.Tensor,
+    w: list[torch.Tensor | None], saved: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...],
+    g_head: torch.Tensor, d_qkl: torch.Tensor, d_z0: torch.Tensor, d_h0: torch.Tensor,
+    per_step: tuple[torch.Tensor, ...], n_split: int, *, cell: int, act: int, norm: bool, std_mode: int,
+    min_std: float, update_bias: float,
+) -> None:
+    """Launch _observe_split_bwd_kernel: grid [row blocks, n_split]; writes d_z0, d_h0 and the per-step
+    pre-activation gradients as the row-split reverse loop does."""
+    (w_in, _, nw_in, nb_in, w_c1, w_c2, _, _, nw_c, nb_c, _, _, _, _, _, _, w_q1, _, nw_q1, nb_q1, w_q2, _) = w
+    (_, h_in, _, x_pre, x_rstd, _, c_save, c_rstd, _, _, _, _, q_pre, q_rstd, _, q_raw) = saved
+    t_len, bsz, hd = x_pre.shape
+    s, a_dim = z0.shape[1], w_in.shape[1] - z0.shape[1]
+    d = d_h0.shape[1] if cell != 2 else 0
+    e_dim = w_q1.shape[1] - (d if cell != 2 else hd)
+    n_rb = triton.cdiv(bsz, BLOCK_M)
+    cdt = compute_dtype(z0.dtype)
+
+    def scratch(*shape: int) -> torch.Tensor:
+        return empty(tuple(max(n, 1) for n in shape), like=z0, dtype=cdt)
+
+    count = torch.zeros(n_rb, device=z0.device, dtype=torch.int32)
+    shared = (scratch(bsz, hd), scratch(bsz, d if cell != 2 else hd), scratch(bsz, hd), scratch(bsz, d))
+    private = tuple(scratch(n_split, bsz, wd) for wd in (s, s, 2 * s, hd, 3 * d, 3 * d, hd, hd, hd))
+    stand_in = private[0]
+
+    def p(t: torch.Tensor | None) -> torch.Tensor:
+        return stand_in if t is None or t.numel() == 0 else t
+
+    d_xpre, d_xv, d_c1, d_c2, d_qraw, d_qpre, d_qv = (per_step[i] for i in (0, 1, 2, 3, 7, 8, 9))
+    _observe_split_bwd_kernel[(n_rb, n_split)](
+        p(first), p(noise), seed,
+        w_in, p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(nw_c), p(nb_c), w_q1, p(nw_q1), p(nb_q1), w_q2,
+        p(h_in), x_pre, p(x_rstd), p(c_save), p(c_rstd), q_pre, p(q_rstd), q_raw,
+        g_head, grads[4], grads[5], grads[6], d_qkl,
+        d_z0, p(d_h0), d_xpre, p(d_xv), p(d_c1), p(d_c2), d_qraw, d_qpre, p(d_qv),
+        count, scratch(n_split, bsz, 3), *shared, *private,
+        bsz, t_len, s, a_dim, d, e_dim, hd, c_save.shape[-1] if c_save.dim() == 3 else 0,
+        CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,
+        STD_MODE=std_mode, MIN_STD=float(min_std), UPDATE_BIAS=float(update_bias),
+        COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M,
+        BLOCK_N=LOOP_BLOCK_N, BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
+    )

@@ -198,44 +198,62 @@ def _norm_act_bwd(dy_ptr, pre_ptr, N, nw_ptr, nb_ptr, rstd_ptr, dpre_ptr, dv_ptr
                   NORM: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # dpre = d loss / d pre from dy = d loss / d y. With NORM, pre holds xhat, and dv (the gradient at the
     # LayerNorm's output, from which the weight and bias gradients are summed) is written too.
+    m1 = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    m2 = m1
     if NORM:
-        m1 = tl.zeros([BLOCK_M], dtype=COMPUTE)
-        m2 = tl.zeros([BLOCK_M], dtype=COMPUTE)
-        for nb in range(0, tl.cdiv(N, BLOCK_N)):
-            cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            offs = rows[:, None] * N + cols[None, :]
-            mask = rmask[:, None] & cmask[None, :]
-            xhat = tl.load(pre_ptr + offs, mask=mask, other=0.0)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-            g = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
-            b = tl.load(nb_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
-            dv = dy * _act_grad(xhat * g[None, :] + b[None, :], ACT)
-            tl.store(dv_ptr + offs, dv, mask=mask)
-            dxh = dv * g[None, :]
-            m1 += tl.sum(dxh, axis=1)
-            m2 += tl.sum(dxh * xhat, axis=1)
+        m1, m2 = _norm_bwd_sums(dy_ptr, pre_ptr, N, nw_ptr, nb_ptr, dv_ptr, rows, rmask, ACT, COMPUTE, BLOCK_M,
+                                BLOCK_N)
         m1 = m1 / N
         m2 = m2 / N
+        tl.debug_barrier()  # dv, written above, is read back below
+    _norm_bwd_apply(dy_ptr, pre_ptr, N, nw_ptr, rstd_ptr, dpre_ptr, dv_ptr, m1, m2, rows, rmask, ACT, NORM, COMPUTE,
+                    BLOCK_N)
+
+
+@triton.jit
+def _norm_bwd_sums(dy_ptr, pre_ptr, N, nw_ptr, nb_ptr, dv_ptr, rows, rmask, ACT: tl.constexpr, COMPUTE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0, nb_step=1):
+    # The LayerNorm backward's first pass over column blocks nb0, nb0 + nb_step, ...: dv = dy * act'(LN output)
+    # written, and the row sums of dv * g and dv * g * xhat returned (tiles summed across the loop, reduced once).
+    a1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    a2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    for nb in range(nb0, tl.cdiv(N, BLOCK_N), nb_step):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        offs = rows[:, None] * N + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        xhat = tl.load(pre_ptr + offs, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        g = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        b = tl.load(nb_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
+        dv = dy * _act_grad(xhat * g[None, :] + b[None, :], ACT)
+        tl.store(dv_ptr + offs, dv, mask=mask)
+        dxh = dv * g[None, :]
+        a1 += dxh
+        a2 += dxh * xhat
+    return tl.sum(a1, axis=1), tl.sum(a2, axis=1)
+
+
+@triton.jit
+def _norm_bwd_apply(dy_ptr, pre_ptr, N, nw_ptr, rstd_ptr, dpre_ptr, dv_ptr, m1, m2, rows, rmask, ACT: tl.constexpr,
+                    NORM: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0, nb_step=1):
+    # The second pass over column blocks nb0, nb0 + nb_step, ...: with NORM, dpre from dv and the row means m1, m2
+    # of _norm_bwd_sums; without, dpre = dy * act'(pre).
+    if NORM:
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-        for nb in range(0, tl.cdiv(N, BLOCK_N)):
-            cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            cmask = cols < N
-            offs = rows[:, None] * N + cols[None, :]
-            mask = rmask[:, None] & cmask[None, :]
-            xhat = tl.load(pre_ptr + offs, mask=mask, other=0.0)
+    for nb in range(nb0, tl.cdiv(N, BLOCK_N), nb_step):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        offs = rows[:, None] * N + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        v = tl.load(pre_ptr + offs, mask=mask, other=0.0)
+        if NORM:
             dv = tl.load(dv_ptr + offs, mask=mask, other=0.0)
             g = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)
-            dpre = rstd[:, None] * (dv * g[None, :] - m1[:, None] - xhat * m2[:, None])
-            tl.store(dpre_ptr + offs, dpre, mask=mask)
-    else:
-        for nb in range(0, tl.cdiv(N, BLOCK_N)):
-            cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs = rows[:, None] * N + cols[None, :]
-            mask = rmask[:, None] & (cols < N)[None, :]
-            v = tl.load(pre_ptr + offs, mask=mask, other=0.0)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-            tl.store(dpre_ptr + offs, dy * _act_grad(v, ACT), mask=mask)
+            dpre = rstd[:, None] * (dv * g[None, :] - m1[:, None] - v * m2[:, None])
+        else:
+            dpre = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE) * _act_grad(v, ACT)
+        tl.store(dpre_ptr + offs, dpre, mask=mask)
 
 
 @triton.jit
@@ -281,10 +299,11 @@ def _gru_fwd(x_ptr, ldx, X, h_ptr, D, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, hout_p
 
 @triton.jit
 def _gru_bwd(g_ptr, h_ptr, save_ptr, dgi_ptr, dgh_ptr, dh_ptr, D, rows, rmask, COMPUTE: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0, nb_step=1):
     # From g = d loss / d h' ([B, D]): the gate pre-activation gradients d gi ([B, 3D], C) and d gh ([B, 3D], C),
     # and the direct part of d h (g * z, [B, D]); the caller adds d gh @ W_hh to d h and forms d x = d gi @ W_ih.
-    for nb in range(0, tl.cdiv(D, BLOCK_N)):
+    # Feature blocks nb0, nb0 + nb_step, ... of BLOCK_N (all by default).
+    for nb in range(nb0, tl.cdiv(D, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = rmask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
@@ -358,9 +377,22 @@ def _lngru_bwd(g_ptr, h_ptr, D, nw_ptr, nb_ptr, xhat_ptr, rstd_ptr, dpv_ptr, dpa
                UPDATE_BIAS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # From g = d loss / d h': dpv = d loss / d (LayerNorm output) ([B, 3D], C; summed into the norm's weight and
     # bias gradients), dparts = d loss / d ([x, h] @ W.T) ([B, 3D], C) and the direct part of d h ((1 - u) g).
-    m1 = tl.zeros([BLOCK_M], dtype=COMPUTE)
-    m2 = tl.zeros([BLOCK_M], dtype=COMPUTE)
-    for nb in range(0, tl.cdiv(D, BLOCK_N)):
+    m1, m2 = _lngru_bwd_gates(g_ptr, h_ptr, D, nw_ptr, nb_ptr, xhat_ptr, dpv_ptr, dh_ptr, rows, rmask, UPDATE_BIAS,
+                              COMPUTE, BLOCK_M, BLOCK_N)
+    tl.debug_barrier()
+    _lngru_bwd_parts(D, nw_ptr, xhat_ptr, rstd_ptr, dpv_ptr, dparts_ptr, m1 / (3 * D), m2 / (3 * D), rows, rmask,
+                     COMPUTE, BLOCK_N)
+
+
+@triton.jit
+def _lngru_bwd_gates(g_ptr, h_ptr, D, nw_ptr, nb_ptr, xhat_ptr, dpv_ptr, dh_ptr, rows, rmask,
+                     UPDATE_BIAS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     nb0=0, nb_step=1):
+    # The gates' backward for feature blocks nb0, nb0 + nb_step, ...: dpv (3 chunks) and the direct part of d h
+    # written; returns the row sums over those features of dpv * gamma and dpv * gamma * xhat (the LayerNorm's).
+    a1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    a2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=COMPUTE)
+    for nb in range(nb0, tl.cdiv(D, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
@@ -388,20 +420,27 @@ def _lngru_bwd(g_ptr, h_ptr, D, nw_ptr, nb_ptr, xhat_ptr, rstd_ptr, dpv_ptr, dpa
         tl.store(dpv_ptr + poffs + D, dpc, mask=mask)
         tl.store(dpv_ptr + poffs + 2 * D, dpu, mask=mask)
         tl.store(dh_ptr + offs, (g * (1.0 - u)).to(dh_ptr.dtype.element_ty), mask=mask)
-        m1 += tl.sum(dpr * gr + dpc * gc + dpu * gu, axis=1)
-        m2 += tl.sum(dpr * gr * xr + dpc * gc * xc + dpu * gu * xu, axis=1)
-    m1 = m1 / (3 * D)
-    m2 = m2 / (3 * D)
+        a1 += dpr * gr + dpc * gc + dpu * gu
+        a2 += dpr * gr * xr + dpc * gc * xc + dpu * gu * xu
+    return tl.sum(a1, axis=1), tl.sum(a2, axis=1)
+
+
+@triton.jit
+def _lngru_bwd_parts(D, nw_ptr, xhat_ptr, rstd_ptr, dpv_ptr, dparts_ptr, m1, m2, rows, rmask, COMPUTE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, nb0=0, nb_step=1):
+    # dparts from dpv and the row means m1, m2 of the gates' sums, for feature blocks nb0, nb0 + nb_step, ... of
+    # each of the three chunks.
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-    for nb in range(0, tl.cdiv(3 * D, BLOCK_N)):
+    for nb in range(nb0, tl.cdiv(D, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < 3 * D
+        cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
-        poffs = rows[:, None] * (3 * D) + cols[None, :]
-        xhat = tl.load(xhat_ptr + poffs, mask=mask, other=0.0)
-        dv = tl.load(dpv_ptr + poffs, mask=mask, other=0.0)
-        gam = tl.load(nw_ptr + cols, mask=cmask, other=0.0).to(COMPUTE)[None, :]
-        tl.store(dparts_ptr + poffs, rstd[:, None] * (dv * gam - m1[:, None] - xhat * m2[:, None]), mask=mask)
+        for c in tl.static_range(3):
+            poffs = rows[:, None] * (3 * D) + c * D + cols[None, :]
+            xhat = tl.load(xhat_ptr + poffs, mask=mask, other=0.0)
+            dv = tl.load(dpv_ptr + poffs, mask=mask, other=0.0)
+            gam = tl.load(nw_ptr + c * D + cols, mask=cmask, other=0.0).to(COMPUTE)[None, :]
+            tl.store(dparts_ptr + poffs, rstd[:, None] * (dv * gam - m1[:, None] - xhat * m2[:, None]), mask=mask)
 
 
 @triton.jit

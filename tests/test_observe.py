@@ -198,7 +198,10 @@ def test_observe_recompute_must_be_a_bool(device):
 # interpreter of tests/concurrent.py. Sizes with several column blocks of 16 per layer: deter 40 (3 blocks), hidden
 # 70 (5), so that with P = 4 some programs own no feature of the cell.
 
-SPLIT_CASES = [(2, CONFIGS[0]), (4, CONFIGS[1]), (3, CONFIGS[2]), (4, CONFIGS[3])]
+SPLIT_CASES = [(2, CONFIGS[0], False), (4, CONFIGS[1], False), (3, CONFIGS[2], False), (4, CONFIGS[3], False),
+               (2, CONFIGS[1], True)]
+SPLIT_IDS = [f"P{p}-{i}{'-recompute' if r else ''}"
+             for (p, _, r), i in zip(SPLIT_CASES, CONFIG_IDS + [CONFIG_IDS[1]])]
 
 
 @pytest.fixture
@@ -216,8 +219,10 @@ def feature_split(monkeypatch):
     return use
 
 
-@pytest.mark.parametrize("p,cfg", SPLIT_CASES, ids=[f"P{p}-{i}" for (p, _), i in zip(SPLIT_CASES, CONFIG_IDS)])
-def test_feature_split_observe_matches_float64_reference(device, p, cfg, feature_split, poison):
+@pytest.mark.parametrize("p,cfg,recompute", SPLIT_CASES, ids=SPLIT_IDS)
+def test_feature_split_observe_matches_float64_reference(device, p, cfg, recompute, feature_split, poison):
+    """Forward and reverse loops with their features split over P programs (recompute: the backward's buffers
+    rebuilt in one launch, then the split reverse loop)."""
     from fastwm.kernels import observe as k
 
     m = _model(device, torch.float32, deter=40, hidden=70, **cfg)
@@ -226,7 +231,7 @@ def test_feature_split_observe_matches_float64_reference(device, p, cfg, feature
     start, embed, action, first, noise, prior_noise = _inputs(m, b, t, seed=12)
     with feature_split(p):
         assert k.split_programs(b, m.deter, 70, torch.device(device)) == p
-        outs, grads = _run(m, "triton", start, embed, action, first, noise, prior_noise)
+        outs, grads = _run(m, "triton", start, embed, action, first, noise, prior_noise, recompute=recompute)
     as64 = [x.double() for x in (embed, action, noise, prior_noise)]
     outs64, grads64 = _run(m64, "reference", fastwm.State(*(x.double() for x in start)), as64[0], as64[1], first,
                            as64[2], as64[3])
