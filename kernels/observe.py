@@ -21,6 +21,9 @@ respect to the next step's input state (stoch, deter) back and writing every lay
 (t, b); then the action and embedding gradients one product each, and the weight gradients a few matrix products over
 all T x B rows (``fastwm.observe``), deterministic, no atomics.
 
+Small batches leave most of the GPU idle under the row split: ``FEATURE_SPLIT`` splits both loops' features across
+programs that meet at grid barriers (``_observe_split_fwd_kernel``, ``_observe_split_bwd_kernel``; off by default).
+
 Seeded noise: step t's posterior draws with seed[0] + t, its prior sample with seed[1] + t
 (``fastwm.reference.philox_normal(seed + t, (B, S))``).
 """
@@ -78,9 +81,9 @@ LOOP_BLOCK_N, LOOP_BLOCK_K = 32, 16
 
 N_SAVED = 16  # z_in, h_in, a_in and the 13 buffers of the step
 
-# The feature split of the forward loop (_observe_split_fwd_kernel): at most this many programs per row block, and
-# only where row blocks x programs fit the SM count. 0 keeps the row-split loop everywhere: the default until the
-# split is timed on a GPU (benchmarks.tune compares both).
+# The feature split of both loops (_observe_split_fwd_kernel, _observe_split_bwd_kernel): at most this many
+# programs per row block, and only where row blocks x programs fit the SM count. 0 keeps the row-split loops
+# everywhere: the default until the split is timed on a GPU (benchmarks.tune compares both).
 FEATURE_SPLIT = 0
 # Set by a test harness whose interpreter runs a launch's programs concurrently (tests/concurrent.py); the stock
 # interpreter runs them one after another, and a grid barrier would wait forever.
@@ -183,10 +186,10 @@ def _observe_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The forward time loop with the features split across programs (small batches)
+# The time loops with the features split across programs (small batches)
 # --------------------------------------------------------------------------------------------------------------------
 #
-# A training batch of 16 sequences is one row block: the row-split loop above runs it on one SM. Here each row
+# A training batch of 16 sequences is one row block: the row-split loops run it on one SM. Here each row
 # block gets P programs (grid [row blocks, P]); program p owns the column blocks p, p + P, ... of every layer that
 # is split, and the P programs meet at a grid barrier where a layer needs all of the previous one. Per step:
 #
@@ -197,6 +200,8 @@ def _observe_fwd_kernel(
 #   split: the posterior head's first layer (LayerNorm statistics likewise), and each program's share of its
 #     output layer (a partial product over its columns), summed in program order by every program at the next
 #     step: deterministic.                                                                           -> barrier
+#
+# (The reverse loop, _observe_split_bwd_kernel, is split the same way; its comment lists its barriers.)
 #
 # Program 0 writes the saved buffers the redundant part produces; the others write theirs to private scratch. What
 # one program reads of another's writes it reads past L1 (".cg"). The barrier needs all P programs of a row block
@@ -724,7 +729,7 @@ def _saved_widths(cell: int, norm: bool, s: int, a: int, d: int, hd: int) -> lis
 
 
 def split_programs(bsz: int, d: int, hd: int, device: torch.device, cap: int | None = None) -> int:
-    """Programs per row block for the forward loop: 1 (the row split) unless ``cap`` (default FEATURE_SPLIT) allows
+    """Programs per row block for the time loops: 1 (the row split) unless ``cap`` (default FEATURE_SPLIT) allows
     more; then as many as there are column blocks of the widest split layer, at most ``cap``, with row blocks x
     programs within the device's SM count (they must all be resident for the grid barrier)."""
     cap = FEATURE_SPLIT if cap is None else cap
