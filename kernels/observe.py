@@ -210,6 +210,16 @@ def _observe_fwd_kernel(
 
 
 @triton.jit
+def _split_program(B, BLOCK_M: tl.constexpr):
+    # A program of a split loop (grid [row blocks, P]): its row block, its index p among the P, its rows and row
+    # mask, and whether it is program 0 (the one that writes what every program computes).
+    rb = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    return rb, p, tl.num_programs(1), rows, rows < B, p == 0
+
+
+@triton.jit
 def _grid_barrier(count_ptr, target):
     # Wait until `target` arrivals have been counted at count_ptr (the k-th barrier of P programs: k * P). One
     # thread of the program does the atomics; the CTA barrier before the release orders all its threads' writes
@@ -328,12 +338,7 @@ def _observe_split_fwd_kernel(
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_S2: tl.constexpr,
 ):
-    rb = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)
-    P = tl.num_programs(1)
-    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rmask = rows < B
-    own = p == 0
+    rb, p, P, rows, rmask, own = _split_program(B, BLOCK_M)
     pp = p.to(tl.int64)
     HAS_D: tl.constexpr = CELL != 2
     count = count_ptr + rb
@@ -466,12 +471,7 @@ def _observe_split_bwd_kernel(
     # features (the LayerNorm GRU's sums likewise) -> barrier; d x on its columns -> barrier; then in every
     # program the input layer's backward and the gradient carried to step t - 1's stoch. The carried deter
     # gradient stays split: each program carries its own features.
-    rb = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)
-    P = tl.num_programs(1)
-    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rmask = rows < B
-    own = p == 0
+    rb, p, P, rows, rmask, own = _split_program(B, BLOCK_M)
     pp = p.to(tl.int64)
     HAS_D: tl.constexpr = CELL != 2
     DH = _head_width(D, HD, CELL)
