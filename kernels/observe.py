@@ -731,7 +731,9 @@ def _saved_widths(cell: int, norm: bool, s: int, a: int, d: int, hd: int) -> lis
 def split_programs(bsz: int, d: int, hd: int, device: torch.device, cap: int | None = None) -> int:
     """Programs per row block for the time loops: 1 (the row split) unless ``cap`` (default FEATURE_SPLIT) allows
     more; then as many as there are column blocks of the widest split layer, at most ``cap``, with row blocks x
-    programs within the device's SM count (they must all be resident for the grid barrier)."""
+    programs within the device's SM count (they must all be resident for the grid barrier). Both split kernels are
+    launched cooperatively (``launch_cooperative_grid``): where the driver cannot make every program resident at
+    once, the launch fails with an error instead of waiting at the first barrier forever."""
     cap = FEATURE_SPLIT if cap is None else cap
     if cap < 2 or bsz == 0:
         return 1
@@ -865,7 +867,7 @@ def _observe_split_fwd(
         HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_Q1=b_q1 is not None,
         COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N,
         BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), BLOCK_S2=max(16, triton.next_power_of_2(2 * s)),
-        num_warps=NUM_WARPS_STEP,
+        num_warps=NUM_WARPS_STEP, launch_cooperative_grid=True,
     )
 
 
@@ -1005,4 +1007,5 @@ def _observe_split_bwd(
         STD_MODE=std_mode, MIN_STD=float(min_std), UPDATE_BIAS=float(update_bias),
         COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M,
         BLOCK_N=LOOP_BLOCK_N, BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
+        launch_cooperative_grid=True,
     )
