@@ -39,8 +39,10 @@ def backend(name: str) -> Iterator[str]:
     """Run the enclosed fastwm calls on one backend.
 
     - ``"auto"``: CUDA tensors run the Triton kernels; CPU tensors run them when ``TRITON_INTERPRET=1`` is set (the
-      Triton interpreter, slow, for tests), and the eager reference otherwise.
-    - ``"triton"``: always the Triton kernels; a CPU tensor without ``TRITON_INTERPRET=1`` raises a RuntimeError.
+      Triton interpreter, slow, for tests), and the eager reference otherwise (and always for bfloat16, which the
+      interpreter cannot compute).
+    - ``"triton"``: always the Triton kernels; a CPU tensor without ``TRITON_INTERPRET=1``, or a bfloat16 CPU tensor,
+      raises a RuntimeError.
     - ``"reference"``: always the plain PyTorch reference (float64 exact, differentiable by autograd).
 
     Example::
@@ -78,6 +80,13 @@ def use_triton(t: torch.Tensor) -> bool:
         return False
     on_cuda = t.device.type == "cuda"
     runnable = triton_available() and (on_cuda or (t.device.type == "cpu" and interpreter_enabled()))
+    if runnable and not on_cuda and t.dtype == torch.bfloat16:
+        # The interpreter runs on NumPy, which has no bfloat16: its tl.dot on bfloat16 operands returns garbage
+        # (Triton 3.6). "auto" takes the reference instead; "triton" refuses.
+        if name == "triton":
+            raise RuntimeError("fastwm backend 'triton' cannot run bfloat16 under the Triton interpreter (NumPy has "
+                               "no bfloat16): use a CUDA device, another dtype, or backend 'auto' / 'reference'")
+        return False
     if name == "triton" and not runnable:
         if not triton_available():
             raise RuntimeError("fastwm backend 'triton' needs the triton package: pip install 'fastwm[triton]'")

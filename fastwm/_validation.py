@@ -26,7 +26,9 @@ def set_validate_args(enabled: bool) -> None:
     skipped inside ``torch.compile`` graphs. Use it while debugging NaN or exploding KL, not in a timed loop.
     """
     global _validate_values
-    _validate_values = bool(enabled)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _validate_values = enabled
 
 
 def get_validate_args() -> bool:

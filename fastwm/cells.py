@@ -9,6 +9,8 @@ in float64, the others accumulate in float32.
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from . import reference
@@ -100,8 +102,13 @@ def layernorm_gru_cell(
     check_like("weight", weight, "x", x, shape=(3 * d, xw + d))
     check_like("norm_weight", norm_weight, "x", x, shape=(3 * d,))
     check_like("norm_bias", norm_bias, "x", x, shape=(3 * d,))
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    for name, value in (("eps", eps), ("update_bias", update_bias)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps must be > 0 and finite, got {eps!r}")
+    if not math.isfinite(update_bias):
+        raise ValueError(f"update_bias must be finite, got {update_bias!r}")
     check_values({"x": x, "h": h})
     if unbatched:
         return layernorm_gru_cell(x[None], h[None], weight, norm_weight, norm_bias, eps=eps,

@@ -87,6 +87,8 @@ def kl_loss(
     for name, t in (("q_std", q_std), ("p_mean", p_mean), ("p_std", p_std)):
         check_like(name, t, "q_mean", q_mean)
     free = _check_scalar("free_nats", _DEFAULT_FREE[mode] if free_nats is None else free_nats)
+    if free_avg is not None and not isinstance(free_avg, bool):
+        raise TypeError(f"free_avg must be a bool or None, got {type(free_avg).__name__}")
     if free_avg is not None and mode not in ("balance", "dyn_rep"):
         raise ValueError(f"free_avg applies to modes 'balance' and 'dyn_rep' only, got mode {mode!r}")
 

@@ -17,7 +17,19 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .step_ops import _ACT_IDS, _CELL_IDS, _STD_IDS, _UPDATE_BIAS, _cdt, _present, _step_op, weight_grads
+from .step_ops import (
+    _ACT_IDS,
+    _CELL_IDS,
+    _STD_IDS,
+    _UPDATE_BIAS,
+    POST_OUTPUTS,
+    PRIOR_OUTPUTS,
+    _cdt,
+    _present,
+    _reached,
+    _step_op,
+    weight_grads,
+)
 from .step_ops import _N_OUT as _N_STEP_OUT
 
 __all__ = ["fused_observe", "saved_bytes"]
@@ -166,8 +178,11 @@ def _backward(ctx, *grads):
     def flat(t: Tensor) -> Tensor:
         return t.reshape(rows, *t.shape[2:]) if t.numel() else t
 
+    # The posterior at step t feeds every later step: past one step, any gradient reaches the posterior head.
+    post_used = _reached(grads, POST_OUTPUTS) or (t_len > 1 and _reached(grads, range(_N_OUT)))
     gw = weight_grads(cell, norm, True, weights, [flat(t) for t in step_saved], flat(z_in), flat(a_in), flat(h_in),
-                      flat(embed), flat(hs), [flat(t) for t in d_pre])
+                      flat(embed), flat(hs), [flat(t) for t in d_pre], prior_used=_reached(grads, PRIOR_OUTPUTS),
+                      post_used=post_used)
     dt = stoch0.dtype
     if first is not None:
         d_a = d_a * (first == 0).to(d_a.dtype)[..., None]  # a reset step's action was zeroed: no gradient

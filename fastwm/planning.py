@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._backend import use_triton
+from ._validation import check_values
 from .rollout import imagine_fused, pack_mlp
 from .rssm import RSSM, State
 
@@ -33,8 +34,17 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
 def _bound(name: str, value: object, action_dim: int) -> Tensor:
-    t = torch.as_tensor(value, dtype=torch.float64)
+    try:
+        t = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a float or a sequence of {action_dim} floats, got {value!r}") from None
     if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != action_dim):
         raise ValueError(f"{name} must be a float or a sequence of {action_dim} floats (one per action dim), "
                          f"got shape {tuple(t.shape)}")
@@ -70,11 +80,11 @@ class _Planner(nn.Module):
                              f"{high.tolist()}")
         self.register_buffer("action_low", low, persistent=False)
         self.register_buffer("action_high", high, persistent=False)
-        std0 = (high - low) / 2 if init_std is None else torch.full_like(low, float(init_std))
-        if init_std is not None and not (math.isfinite(float(init_std)) and float(init_std) > 0):
+        if init_std is not None and not (math.isfinite(_real("init_std", init_std)) and init_std > 0):
             raise ValueError(f"init_std must be a positive float, got {init_std!r}")
+        std0 = (high - low) / 2 if init_std is None else torch.full_like(low, float(init_std))
         self.register_buffer("init_std", std0, persistent=False)
-        if not (math.isfinite(float(min_std)) and float(min_std) >= 0):
+        if not (math.isfinite(_real("min_std", min_std)) and min_std >= 0):
             raise ValueError(f"min_std must be a float >= 0, got {min_std!r}")
         self.min_std = float(min_std)
         self.warm_start = bool(warm_start)
@@ -120,6 +130,8 @@ class _Planner(nn.Module):
             dream = rssm.imagine(flat, State(deter, stoch, stoch, stoch), noise, generator=gen)
             feats = rssm.features(dream)
         r = self.reward(feats)
+        if not isinstance(r, Tensor):
+            raise TypeError(f"reward must return a torch.Tensor of rewards, got {type(r).__name__}")
         if r.dim() == feats.dim() and r.shape[-1] == 1:
             r = r.squeeze(-1)
         if tuple(r.shape) != (b * n, h):
@@ -147,6 +159,7 @@ class _Planner(nn.Module):
     def plan(self, state: State) -> Tensor:
         """The refined plan [B, H, A] for a State of B beliefs (fields [B, ...])."""
         state = self._check_state(state)
+        check_values({"state.stoch": state.stoch, "state.deter": state.deter})
         b = state.stoch.shape[0]
         like = state.stoch
         mean = self._initial_mean(b, like)
@@ -154,6 +167,7 @@ class _Planner(nn.Module):
         for _ in range(self.iterations):
             actions = self._sample(mean, std)
             returns = self._returns(state, actions)
+            check_values({"the predicted returns (the reward summed over the horizon)": returns})
             mean, std = self._refit(actions, returns)
             std = std.clamp_min(self.min_std)
         self._plan = mean
@@ -226,7 +240,7 @@ class MPPIPlanner(_Planner):
         super().__init__(rssm, reward, horizon=horizon, samples=samples, iterations=iterations,
                          action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
                          warm_start=warm_start, generator=generator, stochastic=stochastic)
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        if not (math.isfinite(_real("temperature", temperature)) and temperature > 0):
             raise ValueError(f"temperature must be a positive float, got {temperature!r}")
         self.temperature = float(temperature)
 

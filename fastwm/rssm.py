@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._backend import use_triton
+from ._validation import check_values, get_validate_args
 from .gaussian import _check_min_std
 from .observe import fused_observe
 from .rollout import imagine_fused, needs_grad, pack_mlp
@@ -68,6 +69,16 @@ class LayerNormGRUCell(nn.Module):
 
         return layernorm_gru_cell(x, h, self.weight, self.norm.weight, self.norm.bias, eps=self.norm.eps,
                                   update_bias=self.update_bias)
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _given(**tensors: Tensor | None) -> dict[str, Tensor]:
+    """The optional tensors that were given, by name (for the value checks)."""
+    return {k: v for k, v in tensors.items() if v is not None}
 
 
 def _norm(norm: bool, width: int, eps: float, **kw) -> nn.LayerNorm | None:
@@ -126,19 +137,19 @@ class RSSM(nn.Module):
         super().__init__()
         for name, value in (("action_dim", action_dim), ("embed_dim", embed_dim), ("stoch", stoch),
                             ("hidden", hidden)):
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if cell not in reference.CELLS:
             raise ValueError(f"cell must be one of {reference.CELLS}, got {cell!r}")
-        if cell != "none" and (not isinstance(deter, int) or deter < 1):
+        if cell != "none" and (not _is_int(deter) or deter < 1):
             raise ValueError(f"deter must be a positive int, got {deter!r}")
         if act not in reference.ACTIVATIONS:
             raise ValueError(f"act must be one of {reference.ACTIVATIONS}, got {act!r}")
         if std_mode not in reference.STD_MODES:
             raise ValueError(f"std_mode must be one of {reference.STD_MODES}, got {std_mode!r}")
         _check_min_std(min_std, std_mode)
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"eps must be a float > 0 (the LayerNorm eps), got {eps!r}")
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < float("inf")):
+            raise ValueError(f"eps must be a finite float > 0 (the LayerNorm eps), got {eps!r}")
         kw = {"device": device, "dtype": dtype}
         self.action_dim, self.embed_dim, self.stoch, self.hidden = action_dim, embed_dim, stoch, hidden
         self.deter = deter if cell != "none" else 0
@@ -194,15 +205,20 @@ class RSSM(nn.Module):
         return self.prior2.weight
 
     def initial(self, batch_size: int) -> State:
-        """The initial state: zeros for deter, stoch and mean, ones for std (TorchRL's and Dreamer V1's zero state)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        """The initial state: zeros for deter, stoch and mean, ones for std (TorchRL's and Dreamer V1's zero state).
+        ``batch_size`` 0 gives empty [0, ...] fields."""
+        if not _is_int(batch_size) or batch_size < 0:
+            raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
         w = self._like()
         zeros = torch.zeros(batch_size, self.stoch, device=w.device, dtype=w.dtype)
         return State(w.new_zeros(batch_size, self.deter), zeros, zeros.clone(), torch.ones_like(zeros))
 
     def features(self, state: State) -> Tensor:
         """cat([stoch, deter]) along the last dim: [..., S + D]."""
+        if not isinstance(state, State):
+            if not (isinstance(state, tuple) and len(state) == 4):
+                raise TypeError(f"state must be a fastwm.State (deter, stoch, mean, std), got {type(state).__name__}")
+            state = State(*state)
         return torch.cat([state.stoch, state.deter], dim=-1)
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -225,6 +241,11 @@ class RSSM(nn.Module):
         if state.deter.shape[0] != state.stoch.shape[0]:
             raise ValueError(f"{name}.deter and {name}.stoch must have the same batch size, got "
                              f"{state.deter.shape[0]} and {state.stoch.shape[0]}")
+        for field in ("mean", "std"):  # not read by the steps, but carried: they must describe stoch
+            t = getattr(state, field)
+            if not isinstance(t, Tensor) or t.shape != state.stoch.shape:
+                got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}.{field} must have {name}.stoch's shape {list(state.stoch.shape)}, got {got}")
         return state
 
     def _check_input(self, name: str, t: object, width: int, lead: tuple[int, ...]) -> Tensor:
@@ -316,10 +337,18 @@ class RSSM(nn.Module):
                 raise ValueError(f"is_first must have shape [{b}, {t_len}], got {got}")
             if is_first.device != embed.device:
                 raise ValueError(f"is_first must be on {embed.device}, got {is_first.device}")
-            is_first = is_first.bool()
+            if is_first.dtype != torch.bool:
+                if is_first.is_complex():
+                    raise TypeError(f"is_first must be bool (or 0 / 1 as numbers), got {is_first.dtype}")
+                if get_validate_args() and not torch.compiler.is_compiling() and not bool(
+                        ((is_first == 0) | (is_first == 1)).all()):
+                    raise ValueError("is_first must hold only 0 and 1 (or be bool), found other values")
+                is_first = is_first != 0
         state = self.initial(b) if state is None else self._check_state(state)
         if state.stoch.shape[0] != b:
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
+        check_values({"embed": embed, "action": action, "state.stoch": state.stoch, "state.deter": state.deter,
+                      **_given(noise=noise, prior_noise=prior_noise)})
         if use_triton(embed) and t_len > 0:
             deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, self.weights(), state.stoch, state.deter,
                                                               embed, action, is_first, noise, prior_noise, generator,
@@ -370,6 +399,8 @@ class RSSM(nn.Module):
             noise = self._check_input("noise", noise, self.stoch, (b, h_len))
             if generator is not None:
                 raise ValueError("give either noise or generator, not both (the generator only draws noise)")
+        check_values({"actions": actions, "state.stoch": state.stoch, "state.deter": state.deter,
+                      **_given(noise=noise)})
         if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
             # No gradient needed: the whole horizon in one kernel launch.
             out = imagine_fused(self.config, self.weights(), state.stoch, state.deter, h_len, actions=actions,
@@ -389,11 +420,12 @@ class RSSM(nn.Module):
         When no gradient is needed and ``policy`` is a plain MLP (see :func:`fastwm.rollout.pack_mlp`), the whole
         loop, the policy included, runs in one kernel launch on the Triton backend."""
         state = self._check_state(state)
-        if not isinstance(horizon, int) or horizon < 1:
+        if not _is_int(horizon) or horizon < 1:
             raise ValueError(f"horizon must be a positive int, got {horizon!r}")
         if not callable(policy):
             raise TypeError(f"policy must be callable (features [B, S + D] -> actions [B, A]), got "
                             f"{type(policy).__name__}")
+        check_values({"state.stoch": state.stoch, "state.deter": state.deter})
         b = state.stoch.shape[0]
         if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, module=self) and not (
                 isinstance(policy, nn.Module) and needs_grad(module=policy)):

@@ -25,11 +25,11 @@ def _noise(noise: Tensor | None, like: Tensor, generator: torch.Generator | None
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def _values(stoch: Tensor, action: Tensor, deter: Tensor, embed: Tensor | None = None) -> None:
-    finite = {"state.stoch": stoch, "action": action, "state.deter": deter}
-    if embed is not None:
-        finite["embed"] = embed
-    check_values(finite)
+def _values(stoch: Tensor, action: Tensor, deter: Tensor, embed: Tensor | None = None, noise: Tensor | None = None,
+            prior_noise: Tensor | None = None) -> None:
+    finite = {"state.stoch": stoch, "action": action, "state.deter": deter, "embed": embed, "noise": noise,
+              "prior_noise": prior_noise}
+    check_values({k: v for k, v in finite.items() if v is not None})
 
 
 def prior_step(
@@ -49,7 +49,7 @@ def prior_step(
     check_generator(generator)
     if noise is not None and generator is not None:
         raise ValueError("give either noise or generator, not both (the generator only draws noise)")
-    _values(stoch, action, deter)
+    _values(stoch, action, deter, noise=noise)
     if use_triton(stoch):
         from .step_ops import fused_prior_step
 
@@ -76,7 +76,7 @@ def posterior_step(
     if noise is not None and prior_noise is not None and generator is not None:
         raise ValueError("give either noise and prior_noise or generator, not all three (the generator only draws "
                          "noise)")
-    _values(stoch, action, deter, embed)
+    _values(stoch, action, deter, embed, noise, prior_noise)
     if use_triton(stoch):
         from .step_ops import fused_posterior_step
 

@@ -146,10 +146,15 @@ def _sum_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def weight_grads(cell: int, norm: bool, post: bool, weights, saved, stoch: Tensor, action: Tensor, deter: Tensor,
-                 embed: Tensor | None, hout: Tensor, d_pre) -> list[Tensor | None]:
+                 embed: Tensor | None, hout: Tensor, d_pre, *, prior_used: bool = True,
+                 post_used: bool = True) -> list[Tensor | None]:
     """The weight gradients of the step from the per-row pre-activation gradients ``d_pre`` = (d_xpre, d_xv, d_c1,
     d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv): one matrix product (or row sum) per parameter over all rows.
-    Every tensor is 2-D [rows, width] ([rows] for the saved rstds), rows being B for a step or T x B for observe."""
+    Every tensor is 2-D [rows, width] ([rows] for the saved rstds), rows being B for a step or T x B for observe.
+
+    ``prior_used`` / ``post_used`` False: no gradient reached that head's outputs, so its parameters get None, as
+    autograd gives a parameter off the loss's graph on the reference backend (optimizers skip a None gradient but
+    not a zero one)."""
     d_xpre, d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv = d_pre
     n_w = len(weights)
     (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
@@ -176,14 +181,15 @@ def weight_grads(cell: int, norm: bool, post: bool, weights, saved, stoch: Tenso
         gw[4] = _wgrad(d_c1, x_act, deter, dtype=wdt)
         gw[8], gw[9] = _sum_rows(d_c2 * c_save, wdt), _sum_rows(d_c2, wdt)
     # prior head
-    gw[10] = _wgrad(d_ppre, hin, dtype=wdt)
-    if b_p1 is not None:
-        gw[11] = _sum_rows(d_ppre, wdt)
-    if norm:
-        gw[12], gw[13] = _sum_rows(d_pv * p_pre, wdt), _sum_rows(d_pv, wdt)
-    gw[14], gw[15] = _wgrad(d_praw, p_y, dtype=wdt), _sum_rows(d_praw, wdt)
+    if prior_used:
+        gw[10] = _wgrad(d_ppre, hin, dtype=wdt)
+        if b_p1 is not None:
+            gw[11] = _sum_rows(d_ppre, wdt)
+        if norm:
+            gw[12], gw[13] = _sum_rows(d_pv * p_pre, wdt), _sum_rows(d_pv, wdt)
+        gw[14], gw[15] = _wgrad(d_praw, p_y, dtype=wdt), _sum_rows(d_praw, wdt)
     # posterior head
-    if post:
+    if post and post_used:
         gw[16] = _wgrad(d_qpre, hin, embed, dtype=wdt)
         if b_q1 is not None:
             gw[17] = _sum_rows(d_qpre, wdt)
@@ -191,6 +197,16 @@ def weight_grads(cell: int, norm: bool, post: bool, weights, saved, stoch: Tenso
             gw[18], gw[19] = _sum_rows(d_qv * q_pre, wdt), _sum_rows(d_qv, wdt)
         gw[20], gw[21] = _wgrad(d_qraw, q_y, dtype=wdt), _sum_rows(d_qraw, wdt)
     return gw
+
+
+# The outputs (of the step op and of the observe op alike) that depend on each head: the prior's sample, mean and std
+# and the KL; the posterior's and the KL.
+PRIOR_OUTPUTS, POST_OUTPUTS = (1, 2, 3, 7), (4, 5, 6, 7)
+
+
+def _reached(grads, outputs) -> bool:
+    """Whether any of these outputs received a gradient."""
+    return any(grads[i] is not None for i in outputs)
 
 
 def _step_backward(ctx, *grads):
@@ -213,7 +229,8 @@ def _step_backward(ctx, *grads):
      d_qv) = _step_backward_op(stoch, action, deter, embed, noise, prior_noise, seed, list(weights), list(saved),
                                g_list, cell, act, norm, post, std_mode, min_std)
     gw = weight_grads(cell, norm, post, weights, saved, stoch, action, deter, embed, hout,
-                      (d_xpre, d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv))
+                      (d_xpre, d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv),
+                      prior_used=_reached(grads, PRIOR_OUTPUTS), post_used=_reached(grads, POST_OUTPUTS))
     dt = stoch.dtype
     return (
         d_z.to(dt), d_a.to(dt), d_h.to(dt) if cell != 2 else None, d_e.to(dt) if post else None,

@@ -55,6 +55,23 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
             fastwm.gaussian_kl(m, m + 1, m, m + 1)
 
 
+def test_bfloat16_never_reaches_the_interpreter(monkeypatch):
+    """The interpreter has no bfloat16 (NumPy): "auto" runs bfloat16 CPU tensors on the reference, "triton" refuses
+    them with a clear error instead of returning garbage."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    bf = torch.zeros(2, dtype=torch.bfloat16)
+    assert not _backend.use_triton(bf)
+    assert _backend.use_triton(bf.float()) == _backend.triton_available()
+    x, h = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(3, 5, dtype=torch.bfloat16)
+    w_ih, w_hh = torch.randn(15, 4, dtype=torch.bfloat16), torch.randn(15, 5, dtype=torch.bfloat16)
+    with fastwm.backend("reference"):
+        want = fastwm.gru_cell(x, h, w_ih, w_hh)
+    assert torch.equal(fastwm.gru_cell(x, h, w_ih, w_hh), want)
+    if _backend.triton_available():
+        with fastwm.backend("triton"), pytest.raises(RuntimeError, match="cannot run bfloat16 under the Triton"):
+            fastwm.gru_cell(x, h, w_ih, w_hh)
+
+
 def test_reference_runs_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     m = torch.zeros(3, 4)

@@ -132,6 +132,7 @@ def test_kl_loss_float32_output_for_half_inputs(device):
         (dict(mode="balance", alpha=1.5), ValueError, "alpha"),
         (dict(mode="dyn_rep", rep_scale=float("nan")), ValueError, "rep_scale"),
         (dict(mode="per_step", free_avg=True), ValueError, "free_avg"),
+        (dict(mode="balance", free_avg="no"), TypeError, "free_avg must be a bool or None"),
     ],
 )
 def test_kl_loss_bad_arguments(kwargs, exc, match):

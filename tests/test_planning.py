@@ -154,6 +154,7 @@ def test_action_bounds_are_respected(device):
     ({"action_low": [0.0, 1.0]}, "action_low must be a float or a sequence of 3 floats"),
     ({"action_high": float("nan")}, "action_high must be finite"),
     ({"init_std": -1.0}, "init_std must be a positive float"),
+    ({"min_std": float("nan")}, "min_std must be a float >= 0"),
 ])
 def test_cem_bad_arguments(device, kwargs, match):
     m = _linear_model(device)
@@ -173,9 +174,41 @@ def test_bad_planner_arguments(device):
         fastwm.CEMPlanner(m, _reward(device), generator=0)
     with pytest.raises(TypeError, match="stochastic must be a bool"):
         fastwm.MPPIPlanner(m, _reward(device), stochastic="no")
+    for kwargs, match in [({"action_low": "a"}, "action_low must be a float or a sequence of 3 floats"),
+                          ({"init_std": "a"}, "init_std must be a float"), ({"min_std": None}, "min_std must be a float"),
+                          ({"temperature": "hot"}, "temperature must be a float")]:
+        with pytest.raises(TypeError, match=match):
+            fastwm.MPPIPlanner(m, _reward(device), **kwargs)
     planner = fastwm.CEMPlanner(m, lambda f: f, horizon=2, candidates=10, top_k=2, iterations=1)
     with fastwm.backend("reference"), pytest.raises(ValueError, match="reward must map features"):
+        planner(m.initial(1))
+    planner = fastwm.CEMPlanner(m, lambda f: f.sum(-1).tolist(), horizon=2, candidates=10, top_k=2, iterations=1)
+    with fastwm.backend("reference"), pytest.raises(TypeError, match="reward must return a torch.Tensor"):
         planner(m.initial(1))
     with pytest.raises(ValueError, match=r"state.deter must have shape \[B, 0\]"):
         fastwm.CEMPlanner(m, _reward(device))(fastwm.State(*(torch.zeros(1, 4, dtype=torch.float64,
                                                                           device=device),) * 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_planner_value_checks(device, backend):
+    """With set_validate_args(True), a non-finite belief or predicted return raises naming it (in the reward MLP
+    inside the imagination kernel too), on both planners; off, nothing is checked."""
+    m = _linear_model(device)
+    nan_reward = nn.Linear(A, 1).double().to(device)
+    with torch.no_grad():
+        nan_reward.bias.fill_(float("nan"))
+    nan_state = m.initial(2)._replace(stoch=torch.full((2, A), float("nan"), dtype=torch.float64, device=device))
+    fastwm.set_validate_args(True)
+    try:
+        with fastwm.backend(backend):
+            for kind in ("cem", "mppi"):
+                with pytest.raises(ValueError, match="the predicted returns .* must be finite"):
+                    _planner(kind, m, nan_reward, horizon=2, candidates=8, iterations=1)(m.initial(2))
+                with pytest.raises(ValueError, match="state.stoch must be finite"):
+                    _planner(kind, m, _reward(device), horizon=2, candidates=8, iterations=1)(nan_state)
+    finally:
+        fastwm.set_validate_args(False)
+    with fastwm.backend(backend):
+        actions = _planner("mppi", m, nan_reward, horizon=2, candidates=8, iterations=1)(m.initial(2))
+    assert actions.shape == (2, A)

@@ -634,7 +634,17 @@ def _bad_calls():
         ("rollout-policy", lambda m, s, b: m.rollout("policy", s, 2), TypeError, r"^policy must be callable"),
         ("rollout-policy-output", lambda m, s, b: m.rollout(lambda f: f[:, :A + 1], s, 2), ValueError,
          r"^policy output must have shape"),
-        ("initial-batch", lambda m, s, b: m.initial(0), ValueError, r"^batch_size must be a positive int"),
+        ("initial-batch", lambda m, s, b: m.initial(-1), ValueError, r"^batch_size must be an int >= 0"),
+        ("initial-bool", lambda m, s, b: m.initial(True), ValueError, r"^batch_size must be an int >= 0"),
+        ("state-mean", lambda m, s, b: m.img_step(s._replace(mean=z(b, S + 2)), z(b, A)), ValueError,
+         r"^state.mean must have state.stoch's shape \[4, 5\]"),
+        ("state-std", lambda m, s, b: m.imagine(z(b, 2, A), s._replace(std=z(7))), ValueError,
+         r"^state.std must have state.stoch's shape"),
+        ("is_first-complex", lambda m, s, b: m.observe(z(b, 2, E), z(b, 2, A), z(b, 2, dtype=torch.complex64)),
+         TypeError, r"^is_first must be bool"),
+        ("features-type", lambda m, s, b: m.features([s.stoch, s.deter]), TypeError, r"^state must be a fastwm.State"),
+        ("stoch-bool", lambda m, s, b: fastwm.RSSM(A, E, stoch=True), ValueError, r"^stoch must be a positive int"),
+        ("eps-inf", lambda m, s, b: fastwm.RSSM(A, E, eps=float("inf")), ValueError, r"^eps must be a finite float"),
         ("cell", lambda m, s, b: _small(cell="lstm"), ValueError, r"^cell must be one of"),
         ("act", lambda m, s, b: _small(act="relu"), ValueError, r"^act must be one of"),
         ("std_mode", lambda m, s, b: _small(std_mode="exp"), ValueError, r"^std_mode must be one of"),
@@ -682,6 +692,10 @@ def test_bad_input_errors(call, exc, match):
          TypeError, r"^norm_bias must have the dtype"),
         (lambda t: fastwm.layernorm_gru_cell(t["x"], t["h"], torch.zeros(33, 24), t["bias_ih"], t["bias_hh"], eps=0.0),
          ValueError, r"^eps must be > 0"),
+        (lambda t: fastwm.layernorm_gru_cell(t["x"], t["h"], torch.zeros(33, 24), t["bias_ih"], t["bias_hh"], eps="a"),
+         TypeError, r"^eps must be a float"),
+        (lambda t: fastwm.layernorm_gru_cell(t["x"], t["h"], torch.zeros(33, 24), t["bias_ih"], t["bias_hh"],
+                                             update_bias=float("nan")), ValueError, r"^update_bias must be finite"),
     ],
 )
 def test_cell_bad_input_errors(call, exc, match):
@@ -690,17 +704,106 @@ def test_cell_bad_input_errors(call, exc, match):
         call(t)
 
 
-def test_value_checks_name_the_argument():
+@pytest.mark.parametrize("backend", ["reference", FUSED_BACKEND])
+def test_value_checks_name_the_argument(backend):
+    """With set_validate_args(True), a non-finite input raises naming it on every path: the steps, and the
+    whole-sequence kernels (observe's time loop, imagine's and rollout's single launch) as well; is_first must hold
+    0 and 1. Off, the same calls run."""
     model, b = _small(), 4
     nan = torch.full((b, A), float("nan"))
+    z, st = torch.zeros, model.initial(b)
+    nan_state = st._replace(deter=torch.full((b, D), float("nan")))
+    policy = nn.Linear(S + D, A)
+    calls = [
+        (r"^action must be finite", lambda: model.img_step(st, nan)),
+        (r"^embed must be finite", lambda: model.obs_step(st, z(b, A), torch.full((b, E), float("inf")))),
+        (r"^state.stoch must be finite",
+         lambda: model.img_step(st._replace(stoch=torch.full((b, S), float("nan"))), z(b, A))),
+        (r"^noise must be finite", lambda: model.img_step(st, z(b, A), torch.full((b, S), float("nan")))),
+        (r"^prior_noise must be finite",
+         lambda: model.obs_step(st, z(b, A), z(b, E), prior_noise=torch.full((b, S), float("nan")))),
+        (r"^embed must be finite", lambda: model.observe(torch.full((b, 2, E), float("nan")), z(b, 2, A))),
+        (r"^noise must be finite", lambda: model.observe(z(b, 2, E), z(b, 2, A), noise=torch.full((b, 2, S), 1e999))),
+        (r"^state.deter must be finite", lambda: model.observe(z(b, 2, E), z(b, 2, A), state=nan_state)),
+        (r"^is_first must hold only 0 and 1", lambda: model.observe(z(b, 2, E), z(b, 2, A), torch.full((b, 2), 0.5))),
+        (r"^actions must be finite", lambda: model.imagine(torch.full((b, 2, A), float("nan")), st)),
+        (r"^state.deter must be finite", lambda: model.rollout(policy, nan_state, 2)),
+    ]
     fastwm.set_validate_args(True)
     try:
-        with fastwm.backend(FUSED_BACKEND):
-            with pytest.raises(ValueError, match=r"^action must be finite"):
-                model.img_step(model.initial(b), nan)
-            with pytest.raises(ValueError, match=r"^embed must be finite"):
-                model.obs_step(model.initial(b), torch.zeros(b, A), torch.full((b, E), float("inf")))
-            with pytest.raises(ValueError, match=r"^state.stoch must be finite"):
-                model.img_step(model.initial(b)._replace(stoch=torch.full((b, S), float("nan"))), torch.zeros(b, A))
+        with fastwm.backend(backend), torch.no_grad():  # no_grad: imagine and rollout take the single launch
+            for match, call in calls:
+                with pytest.raises(ValueError, match=match):
+                    call()
     finally:
         fastwm.set_validate_args(False)
+    with fastwm.backend(backend), torch.no_grad():
+        post, _ = model.observe(z(b, 2, E), z(b, 2, A), torch.full((b, 2), 0.5))  # not checked: non-zero resets
+    assert post.stoch.shape == (b, 2, S)
+
+
+@pytest.mark.parametrize("backend", ["reference", FUSED_BACKEND])
+def test_is_first_as_numbers_and_empty_batch(backend):
+    """is_first given as 0 / 1 floats or ints resets exactly as the bool tensor does; observe on an empty batch with
+    no state returns empty States."""
+    model, b, t_len = _small(), 3, 3
+    g = _gen(5)
+    embed, action = torch.randn(b, t_len, E, generator=g), torch.randn(b, t_len, A, generator=g)
+    noise = torch.randn(b, t_len, S, generator=g)
+    first = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1]])
+    with fastwm.backend(backend), torch.no_grad():
+        want, _ = model.observe(embed, action, first.bool(), noise=noise, prior_noise=noise)
+        for as_numbers in (first.float(), first, first.to(torch.uint8)):
+            got, _ = model.observe(embed, action, as_numbers, noise=noise, prior_noise=noise)
+            for name, x, y in zip(State._fields, got, want):
+                torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"is_first {as_numbers.dtype}: {name}")
+        post, prior, kl = model.observe(embed[:0], action[:0], return_kl=True)
+    assert post.stoch.shape == prior.mean.shape == (0, t_len, S) and kl.shape == (0, t_len)
+
+
+@pytest.mark.parametrize("cfg", ["gru-elu-softplus", "lngru-silu-norm-sigmoid2"])
+def test_unused_heads_get_no_gradient(cfg, device, impl):
+    """A head whose outputs the loss does not use gets None gradients on the fused backend, as autograd gives on the
+    reference one (an optimizer skips a None gradient, but still moves a parameter whose gradient is zero): the
+    prior head when only the posterior is used, in obs_step and observe; the posterior head when only the prior is
+    used in obs_step or a one-step observe. Every other parameter gets a gradient on both."""
+    dtype = torch.float64
+    model = _rssm(RSSM_CONFIGS[cfg], device, dtype, seed=3)
+    b = 2
+    g = _gen(4)
+    st = model.initial(b)
+    embed, action = _randn((b, 3, E), g, device, dtype), _randn((b, 3, A), g, device, dtype)
+    nz = _randn((b, 3, S), g, device, dtype)  # the same noise on both backends
+
+    def step(i: int) -> Tensor:
+        return model.obs_step(st, action[:, 0], embed[:, 0], nz[:, 0], prior_noise=nz[:, 1])[i]
+
+    def seq(t_len: int, i: int) -> State:
+        return model.observe(embed[:, :t_len], action[:, :t_len], noise=nz[:, :t_len], prior_noise=nz[:, :t_len])[i]
+
+    cases = {
+        "obs_step-post": lambda: step(0).mean.sum(),
+        "obs_step-prior": lambda: step(1).stoch.sum(),
+        "observe-post": lambda: seq(3, 0).stoch.sum(),
+        "observe1-prior": lambda: seq(1, 1).mean.sum(),
+        "observe-prior": lambda: seq(3, 1).std.sum(),  # T > 1: the posterior feeds the later priors
+    }
+    for name, loss in cases.items():
+        grads = {}
+        for backend in ("reference", "fused"):
+            model.zero_grad(set_to_none=True)
+            if backend == "fused":
+                impl(loss).backward()
+            else:
+                with fastwm.backend("reference"):
+                    loss().backward()
+            grads[backend] = {k: p.grad for k, p in model.named_parameters()}
+        for k, ref_grad in grads["reference"].items():
+            got = grads["fused"][k]
+            assert (got is None) == (ref_grad is None), f"{name}: d {k} is {got} but {ref_grad} on the reference"
+            if got is not None:
+                assert_close(got, ref_grad, dtype, f"{name}: d {k}")
+        if name.endswith("post"):
+            assert grads["fused"]["prior2.weight"] is None and grads["fused"]["post2.weight"] is not None
+        if name in ("obs_step-prior", "observe1-prior"):
+            assert grads["fused"]["post2.weight"] is None and grads["fused"]["prior2.weight"] is not None

@@ -81,6 +81,12 @@ def test_value_checks_when_enabled(call, match, backend):
         fastwm.set_validate_args(False)
 
 
+def test_set_validate_args_takes_a_bool():
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        fastwm.set_validate_args("no")
+    assert not fastwm.get_validate_args()
+
+
 def test_value_checks_off_by_default():
     assert not fastwm.get_validate_args()
     m, s = _q()
