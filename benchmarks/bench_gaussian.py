@@ -24,7 +24,8 @@ from torch import Tensor
 
 import fastwm
 from fastwm import reference
-from fastwm._backend import interpreter_enabled, triton_available
+
+from ._common import DTYPES, baseline_unavailable, kernels_unavailable
 
 __all__ = [
     "DTYPES",
@@ -43,7 +44,6 @@ __all__ = [
 OPS = ("std_from_raw", "gaussian_rsample", "gaussian_kl", "gaussian_sample_kl", "gaussian_head_sample_kl")
 MODES = ("forward", "full")
 PROVIDERS = ("eager", "compiled", "fastwm")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Forward = Callable[..., tuple[Tensor, ...]]
 
@@ -169,22 +169,11 @@ def provider_unavailable(provider: str, device: torch.device, dtype: torch.dtype
     """Why ``provider`` cannot run on ``device`` in ``dtype`` here, or None when it can."""
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
-    if provider == "eager":
-        return None
-    if provider == "compiled":
-        if device.type == "cuda" and not triton_available():
-            return "torch.compile on cuda generates Triton kernels: install triton"
-        return None
-    if not triton_available():
-        return "fastwm needs the triton package (pip install 'fastwm[triton]')"
-    if device.type == "cpu":
-        if not interpreter_enabled():
-            return "fastwm runs on the CPU only under the Triton interpreter: set TRITON_INTERPRET=1"
-        if dtype == torch.bfloat16:
-            return "the Triton interpreter runs on NumPy, which has no bfloat16"
-    elif device.type != "cuda":
-        return f"fastwm's kernels need a CUDA device (or the CPU interpreter), got {device.type}"
-    return None
+    if provider != "fastwm":
+        return baseline_unavailable(provider, device)
+    return kernels_unavailable(
+        device, dtype, "fastwm runs on the CPU only under the Triton interpreter: set TRITON_INTERPRET=1"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ times it. :func:`plot_throughput` draws imagined row-steps per second against N.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,9 +57,9 @@ from torch import Tensor, nn
 
 import fastwm
 from fastwm import State
-from fastwm._backend import interpreter_enabled, triton_available
 
-from .bench_rssm import COMPILE_MODES, DTYPES, RSSMSize, _compile, _graph, _model, size_for
+from ._common import baseline_unavailable, compiled_tag, graph_unavailable, kernels_unavailable
+from .bench_rssm import COMPILE_MODES, DTYPES, RSSMSize, _check_compile_mode, _model, _provider_fn, size_for
 from .bench_rssm import params_on_path as _rssm_params_on_path
 
 __all__ = [
@@ -292,13 +291,6 @@ def memory_budget_bytes(device: torch.device | str) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _rollout_kernel_present() -> bool:
-    try:
-        return importlib.util.find_spec("fastwm.kernels.rollout") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def provider_unavailable(
     provider: str, device: torch.device | str, dtype: torch.dtype, benchmark: str | None = None
 ) -> str | None:
@@ -311,28 +303,15 @@ def provider_unavailable(
         if benchmark == "cem_decision" and provider not in CEM_PROVIDERS:
             return f"cem_decision is timed for {' and '.join(CEM_PROVIDERS)} only"
     device = torch.device(device)
-    if provider == "eager":
-        return None
-    if provider == "compiled":
-        if device.type == "cuda" and not triton_available():
-            return "torch.compile on cuda generates Triton kernels: install triton"
-        return None
+    if provider in ("eager", "compiled"):
+        return baseline_unavailable(provider, device)
     if provider == "graphed":
-        if device.type != "cuda":
-            return "CUDA graphs need a cuda device"
-        return None
-    if not triton_available():
-        return "fastwm needs the triton package (pip install 'fastwm[triton]')"
-    if not _rollout_kernel_present():
-        return "the imagination kernel (kernels/rollout.py) is not in this checkout"
-    if device.type == "cpu":
-        if not interpreter_enabled():
-            return "fastwm runs on the CPU only under the slow Triton interpreter: set TRITON_INTERPRET=1 to time it"
-        if dtype == torch.bfloat16:
-            return "the Triton interpreter runs on NumPy, which has no bfloat16"
-    elif device.type != "cuda":
-        return f"fastwm's kernels need a CUDA device (or the CPU interpreter), got {device.type}"
-    return None
+        return graph_unavailable(device)
+    return kernels_unavailable(
+        device,
+        dtype,
+        needs=("fastwm.kernels.rollout", "the imagination kernel (kernels/rollout.py) is not in this checkout"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -380,11 +359,6 @@ def _starts(size: RSSMSize, n: int, gen: torch.Generator, dtype: torch.dtype, de
     deter = randn(n, size.deter).tanh()
     stoch = randn(n, size.stoch)
     return State(deter, stoch, torch.zeros_like(stoch), torch.ones_like(stoch))
-
-
-def _check_compile_mode(compile_mode: str) -> None:
-    if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
 
 
 def build_case(
@@ -469,32 +443,8 @@ def build_case(
         def raw() -> object:
             return model.imagine(actions, start, noise)
 
-    used_mode = None
-    step_begin = None
-    if provider == "compiled":
-        used_mode = compile_mode if device.type == "cuda" else "default"
-        inner = _compile(raw, device, used_mode)
-        if used_mode == "reduce-overhead":
-            step_begin = torch.compiler.cudagraph_mark_step_begin
-    else:
-        inner = raw
-
-    def body() -> object:
-        with torch.no_grad():
-            return inner()
-
-    if provider == "graphed":
-        with fastwm.backend("reference"):
-            fn, peak = _graph(body, device)
-        return BenchCase(benchmark, provider, size, n, horizon, dtype, device, fn, None, peak, reward_hidden=hidden)
-
-    def fn() -> object:
-        if step_begin is not None:
-            step_begin()  # cudagraph trees: each call is a new step, the previous call's outputs may be overwritten
-        with fastwm.backend("reference"):
-            return body()
-
-    return BenchCase(benchmark, provider, size, n, horizon, dtype, device, fn, used_mode, reward_hidden=hidden)
+    fn, used_mode, peak = _provider_fn(raw, provider, device, compile_mode, "reference")
+    return BenchCase(benchmark, provider, size, n, horizon, dtype, device, fn, used_mode, peak, reward_hidden=hidden)
 
 
 def build_cem_case(
@@ -560,7 +510,7 @@ def case_id(
     cem: CEMSettings | None = None,
 ) -> str:
     """A short readable id of a case (pytest ids, progress lines)."""
-    prov = provider if compile_mode in (None, "max-autotune-no-cudagraphs") else f"{provider}[{compile_mode}]"
+    prov = compiled_tag(provider, compile_mode)
     shape = f"B{cem.beliefs}x{cem.candidates}-H{cem.horizon}" if cem is not None else f"N{n}-H{horizon}"
     return f"{ROW_NAMES[benchmark]}-{prov}-{size.name}-{shape}-{str(dtype).removeprefix('torch.')}"
 

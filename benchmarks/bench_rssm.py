@@ -44,7 +44,6 @@ kernels do).
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -53,8 +52,9 @@ from torch import Tensor
 
 import fastwm
 from fastwm import State
-from fastwm._backend import interpreter_enabled, triton_available
 from fastwm.observe import saved_bytes
+
+from ._common import DTYPES, baseline_unavailable, compiled_tag, graph_unavailable, kernels_unavailable
 
 __all__ = [
     "ANCHOR_US_PER_STEP",
@@ -89,7 +89,7 @@ ANCHOR_US_PER_STEP = {"fwd": 2.0, "fwd_bwd": 5.0}
 OBSERVE_ONLY = ("fused-steps", "recompute")  # providers of the observe benchmark only
 BASELINES = ("eager", "compiled", "graphed", "fused-steps")  # what fastwm is compared with
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "reduce-overhead", "default")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GRAPHED = ("graphed", "fused-steps")  # the providers that capture a CUDA graph and replay it
 GRAPH_WARMUP = 3  # eager calls on a side stream before capture (PyTorch's recipe uses 3; DDP needs 11, not used here)
 
 
@@ -217,40 +217,20 @@ def _check(benchmark: str, mode: str | None = None, provider: str | None = None)
         raise ValueError(f"provider {provider!r} times the observe benchmark only, got {benchmark!r}")
 
 
-def _step_ops_present() -> bool:
-    try:
-        return importlib.util.find_spec("fastwm.step_ops") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def provider_unavailable(provider: str, device: torch.device | str, dtype: torch.dtype) -> str | None:
     """Why ``provider`` cannot run on ``device`` in ``dtype`` here, or None when it can."""
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     device = torch.device(device)
-    if provider == "eager":
-        return None
-    if provider == "compiled":
-        if device.type == "cuda" and not triton_available():
-            return "torch.compile on cuda generates Triton kernels: install triton"
-        return None
-    if provider in ("graphed", "fused-steps") and device.type != "cuda":
-        return "CUDA graphs need a cuda device"
-    if provider == "graphed":
-        return None
-    if not triton_available():
-        return "fastwm needs the triton package (pip install 'fastwm[triton]')"
-    if not _step_ops_present():
-        return "the fused RSSM step (fastwm/step_ops.py) is not in this checkout"
-    if device.type == "cpu":
-        if not interpreter_enabled():
-            return "fastwm runs on the CPU only under the slow Triton interpreter: set TRITON_INTERPRET=1 to time it"
-        if dtype == torch.bfloat16:
-            return "the Triton interpreter runs on NumPy, which has no bfloat16"
-    elif device.type != "cuda":
-        return f"fastwm's kernels need a CUDA device (or the CPU interpreter), got {device.type}"
-    return None
+    if provider in ("eager", "compiled"):
+        return baseline_unavailable(provider, device)
+    if provider in GRAPHED:
+        reason = graph_unavailable(device)
+        if reason is not None or provider == "graphed":
+            return reason
+    return kernels_unavailable(
+        device, dtype, needs=("fastwm.step_ops", "the fused RSSM step (fastwm/step_ops.py) is not in this checkout")
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -344,6 +324,11 @@ def _parameters(model: fastwm.RSSM, benchmark: str) -> list[Tensor]:
     return [p for n, p in model.named_parameters() if benchmark != "img_step" or not n.startswith("post")]
 
 
+def _check_compile_mode(compile_mode: str) -> None:
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+
+
 def _compile(fn: Callable[[], object], device: torch.device, compile_mode: str) -> Callable[[], object]:
     # A fresh dynamo cache per case: each case compiles for its static shapes and never reaches the recompile limit.
     torch._dynamo.reset()
@@ -380,6 +365,54 @@ def _graph(body: Callable[[], object], device: torch.device) -> tuple[Callable[[
     return replay, peak_mb
 
 
+def _provider_fn(
+    raw: Callable[[], object],
+    provider: str,
+    device: torch.device,
+    compile_mode: str,
+    backend_name: str,
+    leaves: list[Tensor] | None = None,
+) -> tuple[Callable[[], object], str | None, float | None]:
+    """The callable that runs ``raw`` once for a baseline or a CUDA-graph provider, on fastwm's ``backend_name``:
+    the forward under ``torch.no_grad()`` (``leaves`` None), or ``torch.autograd.grad`` of ``raw()`` (a scalar loss)
+    with respect to ``leaves``. "compiled" compiles ``raw`` (in ``compile_mode`` on cuda, the default mode on the
+    CPU), :data:`GRAPHED` captures the whole call here. Returns (the callable, the compile mode used or None, the
+    capture's peak memory in MB or None)."""
+    used_mode = None
+    step_begin = None
+    if provider == "compiled":
+        used_mode = compile_mode if device.type == "cuda" else "default"
+        inner = _compile(raw, device, used_mode)
+        if used_mode == "reduce-overhead":
+            step_begin = torch.compiler.cudagraph_mark_step_begin
+    else:
+        inner = raw
+
+    if leaves is None:
+
+        def body() -> object:
+            with torch.no_grad():
+                return inner()
+
+    else:
+
+        def body() -> object:
+            return torch.autograd.grad(inner(), leaves)
+
+    if provider in GRAPHED:
+        with fastwm.backend(backend_name):
+            fn, peak = _graph(body, device)
+        return fn, None, peak
+
+    def fn() -> object:
+        if step_begin is not None:
+            step_begin()  # cudagraph trees: each call is a new step, the previous call's outputs may be overwritten
+        with fastwm.backend(backend_name):
+            return body()
+
+    return fn, used_mode, None
+
+
 def build_case(
     benchmark: str,
     mode: str,
@@ -399,16 +432,15 @@ def build_case(
     on a device they cannot run on.
     """
     _check(benchmark, mode, provider)
-    if compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+    _check_compile_mode(compile_mode)
     device = torch.device(device)
-    graphed = provider in ("graphed", "fused-steps")
-    if graphed and device.type != "cuda":
+    if provider in GRAPHED and device.type != "cuda":
         raise ValueError(f"the {provider} provider needs a cuda device")
     model = _model(size, dtype, device, seed)
     inputs = _Inputs(benchmark, size, dtype, device, seed)
     backend_name = "triton" if provider in ("fastwm", "fused-steps", "recompute") else "reference"
 
+    leaves = None
     if mode == "fwd":
 
         def raw() -> object:
@@ -420,46 +452,15 @@ def build_case(
         def raw() -> object:
             return inputs.loss(inputs.forward(model, provider))
 
-    used_mode = None
-    step_begin = None
-    if provider == "compiled":
-        used_mode = compile_mode if device.type == "cuda" else "default"
-        inner = _compile(raw, device, used_mode)
-        if used_mode == "reduce-overhead":
-            step_begin = torch.compiler.cudagraph_mark_step_begin
-    else:
-        inner = raw
-
-    if mode == "fwd":
-
-        def body() -> object:
-            with torch.no_grad():
-                return inner()
-
-    else:
-
-        def body() -> object:
-            return torch.autograd.grad(inner(), leaves)
-
-    if graphed:
-        with fastwm.backend(backend_name):
-            fn, peak = _graph(body, device)
-        return BenchCase(benchmark, mode, provider, size, dtype, device, fn, None, peak)
-
-    def fn() -> object:
-        if step_begin is not None:
-            step_begin()  # cudagraph trees: each call is a new step, the previous call's outputs may be overwritten
-        with fastwm.backend(backend_name):
-            return body()
-
-    return BenchCase(benchmark, mode, provider, size, dtype, device, fn, used_mode)
+    fn, used_mode, peak = _provider_fn(raw, provider, device, compile_mode, backend_name, leaves)
+    return BenchCase(benchmark, mode, provider, size, dtype, device, fn, used_mode, peak)
 
 
 def case_id(
     benchmark: str, mode: str, provider: str, size: RSSMSize, dtype: torch.dtype, compile_mode: str | None = None
 ) -> str:
     """A short readable id of a case (pytest ids, progress lines)."""
-    prov = provider if compile_mode in (None, "max-autotune-no-cudagraphs") else f"{provider}[{compile_mode}]"
+    prov = compiled_tag(provider, compile_mode)
     shape = f"{size.B}x{size.T}" if benchmark == "observe" else f"B{size.B}"
     return f"rssm_{benchmark}-{mode}-{prov}-{size.name}-{shape}-{str(dtype).removeprefix('torch.')}"
 

@@ -12,7 +12,10 @@
 #   tests        pytest --device cuda over every other test (8 workers: compilation is CPU-bound)
 #   tune         benchmarks.tune: warps, tiles and the feature split against the defaults (fix the defaults before
 #                benching)
-#   observe      bench rssm, observe only (fwd, fwd_bwd; both sizes; fp32, bf16; every provider)
+#   observe      bench rssm, observe only (fwd, fwd_bwd; both sizes; fp32, bf16; every provider); where one
+#                command's 10 minutes may not hold both sizes, run observe-planet and observe-dreamerv3 instead
+#                (rows under $OUT/observe-<size>/). Every suite rewrites its rows so far to *.partial.json after
+#                each case, so a part killed at the limit still returns what it measured
 #   steps        bench rssm, img_step and obs_step
 #   rollout      bench rollout: imagine, imagine_return, cem_decision, and the throughput plot
 #   demo         python -m fastwm demo on cuda (needs gymnasium and farama-notifications carried as wheels in .whl/:
@@ -46,6 +49,10 @@ for part in "$@"; do
       $py -m benchmarks.tune --out "$OUT" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" ;;
     observe)
       $py -m fastwm bench --suite rssm --ops observe --out "$OUT" 2>&1 | tee "$OUT/bench_observe.log" | tail -60 ;;
+    observe-planet|observe-dreamerv3)
+      size=${part#observe-}
+      $py -m fastwm bench --suite rssm --ops observe --rssm-sizes "$size" --out "$OUT/$part" 2>&1 |
+        tee "$OUT/bench_$part.log" | tail -60 ;;
     steps)
       $py -m fastwm bench --suite rssm --ops img_step,obs_step --out "$OUT" 2>&1 | tee "$OUT/bench_steps.log" |
         tail -60 ;;
@@ -57,7 +64,8 @@ for part in "$@"; do
       fi
       $py -m fastwm demo --device cuda --out "$OUT/demo" 2>&1 | tee "$OUT/demo.log" | tail -30 ;;
     *)
-      echo "unknown part: $part (split, tests, tune, observe, steps, rollout, demo)"; status=2 ;;
+      echo "unknown part: $part (split, tests, tune, observe, observe-planet, observe-dreamerv3, steps, rollout," \
+        "demo)"; status=2 ;;
   esac
   rc=$?  # pipefail: the part's own status, not tee's or tail's
   [ "$rc" -eq 0 ] || status=1

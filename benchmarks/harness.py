@@ -28,6 +28,7 @@ triton is imported lazily, only to time on cuda: without it the fastwm provider 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.metadata
 import importlib.util
@@ -37,7 +38,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -398,14 +399,25 @@ def _peak_mem_mb(fn: Callable[[], object], device: torch.device) -> float | None
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _speedups_vs(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], tuple[Any, ...]],
+                 baselines: Sequence[str], field: str) -> None:
+    """``row[field]``: the fastest median among the rows of the providers ``baselines`` with the row's ``key`` over
+    the row's median; None where no such row ran."""
+    best: dict[tuple[Any, ...], float] = {}
+    for r in rows:
+        if r["provider"] in baselines:
+            k = key(r)
+            best[k] = min(best.get(k, float("inf")), r["median_ms"])
+    for r in rows:
+        b = best.get(key(r))
+        r[field] = b / r["median_ms"] if b is not None and r["median_ms"] > 0 else None
+
+
 def _speedups(rows: list[dict[str, Any]]) -> None:
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
         return r["benchmark"], r["mode"], r["rows"], r["S"], r["dtype"]
 
-    eager = {key(r): r["median_ms"] for r in rows if r["provider"] == "eager"}
-    for r in rows:
-        base = eager.get(key(r))
-        r["speedup_vs_eager"] = base / r["median_ms"] if base is not None and r["median_ms"] > 0 else None
+    _speedups_vs(rows, key, ("eager",), "speedup_vs_eager")
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -647,6 +659,70 @@ def _guarded_case(name: str, device: torch.device, notes: list[str], run: Callab
             torch.cuda.empty_cache()
 
 
+def _keep_case(rows: list[dict[str, Any]], name: str, progress: Callable[[dict[str, Any]], str],
+               device: torch.device, notes: list[str], meta: dict[str, Any], run: Callable[..., dict | None],
+               *args: Any, partial: Path | None = None) -> bool:
+    """Run one case through :func:`_guarded_case`; keep its row, with the run-wide fields ``meta``, and print a
+    progress line (``name: progress(row)``). With ``partial``, every row so far is rewritten there after each case
+    (all their fields), so a run killed at a time limit keeps what it measured; :func:`_write_rows` removes it once
+    the suite's file is written. True when the case failed."""
+    row, failed = _guarded_case(name, device, notes, run, *args)
+    if row is not None:
+        row.update(meta)
+        rows.append(row)
+        _progress(f"{name}: {progress(row)}")
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return failed
+
+
+def _partial_path(out: Path, name: str) -> Path:
+    """Where a suite's rows are kept while it runs (``name`` with ``.partial`` before its suffix)."""
+    path = out / name
+    return path.with_suffix(".partial" + path.suffix)
+
+
+def _gaussian_progress(row: dict[str, Any]) -> str:
+    return f"{row['median_ms']:.4f} ms, {row['gbps']:.1f} GB/s"
+
+
+def _rssm_progress(row: dict[str, Any]) -> str:
+    return f"{row['median_ms']:.4f} ms, {row['us_per_step']:.1f} us/step"
+
+
+def _rollout_progress(row: dict[str, Any]) -> str:
+    return f"{row['median_ms']:.4f} ms, {row['row_steps_per_s']:.3g} row-steps/s"
+
+
+@contextlib.contextmanager
+def _matmul_precision(tf32: bool) -> Iterator[None]:
+    """With ``tf32``, float32 matrix products at torch's "high" precision (TF32) inside; the previous precision is
+    restored after."""
+    previous = torch.get_float32_matmul_precision()
+    if tf32:
+        torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _print_summary_and_notes(summary: str | None, notes: list[str]) -> None:
+    if summary:
+        print(summary)
+    for note in dict.fromkeys(notes):
+        print(f"note: {note}")
+
+
+def _write_rows(rows: list[dict[str, Any]], out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    _partial_path(out, name).unlink(missing_ok=True)
+    print(f"wrote {len(rows)} rows to {path}")
+
+
 def _run_gaussian(plan: _GaussianPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any]) -> int:
     """The Gaussian suite: table, notes and DIR/bench_gaussian.json; 0, or 1 when a case failed."""
     notes: list[str] = []
@@ -657,13 +733,10 @@ def _run_gaussian(plan: _GaussianPlan, out: Path, device: torch.device, quick: b
     rows: list[dict[str, Any]] = []
     failures = 0
     skipped_reasons: set[tuple[str, str]] = set()
+    run_meta = {"copy_gbps": copy_gbps, **meta}
     for dtype_name in plan.dtype_names:
         dtype = DTYPES[dtype_name]
-        for provider in providers:
-            reason = provider_unavailable(provider, device, dtype)
-            if reason is not None and (provider, reason) not in skipped_reasons:
-                skipped_reasons.add((provider, reason))
-                notes.append(f"{provider} skipped ({dtype_name}): {reason}")
+        _note_unavailable(providers, provider_unavailable, device, dtype, dtype_name, skipped_reasons, notes)
         runnable = [p for p in providers if provider_unavailable(p, device, dtype) is None]
         for op in plan.ops:
             for mode in plan.modes:
@@ -674,30 +747,21 @@ def _run_gaussian(plan: _GaussianPlan, out: Path, device: torch.device, quick: b
                             continue
                         for provider in runnable:
                             name = case_id(op, mode, provider, n_rows, s, dtype)
-                            row, failed = _guarded_case(name, device, notes, _run_case, op, mode, provider, n_rows,
-                                                        s, dtype, device, quick)
-                            failures += failed
-                            if row is None:
-                                continue
-                            row.update(copy_gbps=copy_gbps, frac_copy_bw=row["gbps"] / copy_gbps, **meta)
-                            rows.append(row)
-                            _progress(f"{name}: {row['median_ms']:.4f} ms, {row['gbps']:.1f} GB/s")
+                            failures += _keep_case(rows, name, _gaussian_progress, device, notes, run_meta,
+                                                   _run_case, op, mode, provider, n_rows, s, dtype, device, quick,
+                                                   partial=_partial_path(out, JSON_NAME))
 
+    for r in rows:
+        r["frac_copy_bw"] = r["gbps"] / copy_gbps
     _speedups(rows)
     rows = [_ordered(r) for r in rows]
     print_table(rows, copy_gbps)
-    summary = _goal_summary(rows)
-    if summary:
-        print(summary)
-    for note in dict.fromkeys(notes):
-        print(f"note: {note}")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / JSON_NAME
-    path.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {len(rows)} rows to {path}")
+    _print_summary_and_notes(_goal_summary(rows), notes)
+    _write_rows(rows, out, JSON_NAME)
     return 1 if failures else 0
 
 
+_RUN_KEYS = ("device", "torch", "triton", "commit", "date")  # the run-wide fields (meta) every row ends with
 _ROW_KEYS = (
     "benchmark",
     "mode",
@@ -714,11 +778,7 @@ _ROW_KEYS = (
     "speedup_vs_eager",
     "peak_mem_mb",
     "bytes_moved",
-    "device",
-    "torch",
-    "triton",
-    "commit",
-    "date",
+    *_RUN_KEYS,
 )
 
 
@@ -787,11 +847,7 @@ _RSSM_ROW_KEYS = (
     "peak_mem_mb",
     "saved_bytes_per_row_step",
     "fp32_matmul_precision",
-    "device",
-    "torch",
-    "triton",
-    "commit",
-    "date",
+    *_RUN_KEYS,
 )
 
 
@@ -804,10 +860,7 @@ def _rssm_speedups(rows: list[dict[str, Any]]) -> None:
     run."""
     for base_provider, field in (("eager", "speedup_vs_eager"), ("graphed", "speedup_vs_graphed"),
                                  ("fused-steps", "speedup_vs_fused_steps")):
-        base = {_rssm_key(r): r["median_ms"] for r in rows if r["provider"] == base_provider}
-        for r in rows:
-            b = base.get(_rssm_key(r))
-            r[field] = b / r["median_ms"] if b is not None and r["median_ms"] > 0 else None
+        _speedups_vs(rows, _rssm_key, (base_provider,), field)
 
 
 def _provider_label(r: dict[str, Any], device_type: str) -> str:
@@ -867,13 +920,6 @@ def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, met
     """The RSSM suite: table, notes and DIR/bench_rssm.json; 0, or 1 when a case failed."""
     notes: list[str] = []
     providers = _default_providers(plan.providers, bench_rssm.PROVIDERS, device, notes)
-    previous_precision = torch.get_float32_matmul_precision()
-    if plan.tf32:
-        torch.set_float32_matmul_precision("high")
-    _progress(
-        f"device {meta['device']} ({device}), rssm sizes {', '.join(s.name for s in plan.sizes)}, quick={quick}, "
-        f"float32 matmul precision {torch.get_float32_matmul_precision()}"
-    )
     if "observe" in plan.benchmarks:
         notes.append(
             f"observe: anchor_us_per_step is performance.md's anchor, {bench_rssm.ANCHOR_US_PER_STEP['fwd']} us per "
@@ -887,11 +933,16 @@ def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, met
     rows: list[dict[str, Any]] = []
     failures = 0
     skipped_reasons: set[tuple[str, str]] = set()
-    try:
+    with _matmul_precision(plan.tf32):
+        _progress(
+            f"device {meta['device']} ({device}), rssm sizes {', '.join(s.name for s in plan.sizes)}, quick={quick}, "
+            f"float32 matmul precision {torch.get_float32_matmul_precision()}"
+        )
         for dtype_name in plan.dtype_names:
             dtype = DTYPES[dtype_name]
-            _note_unavailable(providers, bench_rssm.provider_unavailable, device, dtype, dtype_name, skipped_reasons, notes)
-            runnable = [p for p in providers if bench_rssm.provider_unavailable(p, device, dtype) is None]
+            unavailable = bench_rssm.provider_unavailable
+            _note_unavailable(providers, unavailable, device, dtype, dtype_name, skipped_reasons, notes)
+            runnable = [p for p in providers if unavailable(p, device, dtype) is None]
             variants = [(p, m) for p in runnable for m in (plan.compile_modes if p == "compiled" else [None])]
             for benchmark in plan.benchmarks:
                 for mode in plan.modes:
@@ -900,29 +951,15 @@ def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, met
                             if provider in bench_rssm.OBSERVE_ONLY and benchmark != "observe":
                                 continue
                             name = bench_rssm.case_id(benchmark, mode, provider, size, dtype, compile_mode)
-                            row, failed = _guarded_case(name, device, notes, _run_rssm_case, benchmark, mode,
-                                                        provider, size, dtype, device, quick, compile_mode)
-                            failures += failed
-                            if row is None:
-                                continue
-                            row.update(meta)
-                            rows.append(row)
-                            _progress(f"{name}: {row['median_ms']:.4f} ms, {row['us_per_step']:.1f} us/step")
-    finally:
-        torch.set_float32_matmul_precision(previous_precision)
+                            failures += _keep_case(rows, name, _rssm_progress, device, notes, meta, _run_rssm_case,
+                                                   benchmark, mode, provider, size, dtype, device, quick, compile_mode,
+                                                   partial=_partial_path(out, RSSM_JSON_NAME))
 
     _rssm_speedups(rows)
     rows = [{k: r[k] for k in _RSSM_ROW_KEYS} for r in rows]
     print_rssm_table(rows, device.type)
-    summary = _rssm_summary(rows)
-    if summary:
-        print(summary)
-    for note in dict.fromkeys(notes):
-        print(f"note: {note}")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / RSSM_JSON_NAME
-    path.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {len(rows)} rows to {path}")
+    _print_summary_and_notes(_rssm_summary(rows), notes)
+    _write_rows(rows, out, RSSM_JSON_NAME)
     return 1 if failures else 0
 
 
@@ -1019,11 +1056,7 @@ _ROLLOUT_ROW_KEYS = (
     "speedup_vs_best_baseline",
     "peak_mem_mb",
     "fp32_matmul_precision",
-    "device",
-    "torch",
-    "triton",
-    "commit",
-    "date",
+    *_RUN_KEYS,
 )
 
 
@@ -1034,19 +1067,8 @@ def _rollout_key(r: dict[str, Any]) -> tuple[Any, ...]:
 def _rollout_speedups(rows: list[dict[str, Any]]) -> None:
     """speedup_vs_eager: eager's median over the row's; speedup_vs_best_baseline: the fastest of compiled (any compile
     mode) and graphed over the row's; None where the baseline did not run in this run."""
-    eager: dict[tuple[Any, ...], float] = {}
-    best: dict[tuple[Any, ...], float] = {}
-    for r in rows:
-        key = _rollout_key(r)
-        if r["provider"] == "eager":
-            eager[key] = r["median_ms"]
-        elif r["provider"] in bench_rollout.BASELINES:
-            best[key] = min(best.get(key, float("inf")), r["median_ms"])
-    for r in rows:
-        key = _rollout_key(r)
-        for table, field in ((eager, "speedup_vs_eager"), (best, "speedup_vs_best_baseline")):
-            b = table.get(key)
-            r[field] = b / r["median_ms"] if b is not None and r["median_ms"] > 0 else None
+    _speedups_vs(rows, _rollout_key, ("eager",), "speedup_vs_eager")
+    _speedups_vs(rows, _rollout_key, bench_rollout.BASELINES, "speedup_vs_best_baseline")
 
 
 def print_rollout_table(rows: list[dict[str, Any]], device_type: str = "cuda") -> None:
@@ -1152,14 +1174,6 @@ def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: boo
     failed."""
     notes: list[str] = []
     providers = _default_providers(plan.providers, bench_rollout.PROVIDERS, device, notes)
-    previous_precision = torch.get_float32_matmul_precision()
-    if plan.tf32:
-        torch.set_float32_matmul_precision("high")
-    _progress(
-        f"device {meta['device']} ({device}), rollout sizes {', '.join(s.name for s in plan.sizes)}, "
-        f"N {','.join(map(str, plan.ns))}, H {','.join(map(str, plan.hs))}, quick={quick}, "
-        f"float32 matmul precision {torch.get_float32_matmul_precision()}"
-    )
     if "cem_decision" in plan.benchmarks:
         notes.append(
             "cem_decision: the planner draws its candidates and its imagination noise inside the call "
@@ -1168,28 +1182,23 @@ def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: boo
     rows: list[dict[str, Any]] = []
     failures = 0
     skipped_reasons: set[tuple[str, str]] = set()
-    try:
+    with _matmul_precision(plan.tf32):
+        _progress(
+            f"device {meta['device']} ({device}), rollout sizes {', '.join(s.name for s in plan.sizes)}, "
+            f"N {','.join(map(str, plan.ns))}, H {','.join(map(str, plan.hs))}, quick={quick}, "
+            f"float32 matmul precision {torch.get_float32_matmul_precision()}"
+        )
         for dtype_name in plan.dtype_names:
             dtype = DTYPES[dtype_name]
-            _note_unavailable(providers, bench_rollout.provider_unavailable, device, dtype, dtype_name, skipped_reasons, notes)
+            unavailable = bench_rollout.provider_unavailable
+            _note_unavailable(providers, unavailable, device, dtype, dtype_name, skipped_reasons, notes)
             for case in _rollout_cases(plan, providers, device, dtype, notes):
-                name = case["name"]
-                row, failed = _guarded_case(name, device, notes, _run_rollout_case, case, plan, dtype, device, quick)
-                failures += failed
-                if row is None:
-                    continue
-                row.update(meta)
-                rows.append(row)
-                _progress(f"{name}: {row['median_ms']:.4f} ms, {row['row_steps_per_s']:.3g} row-steps/s")
-    finally:
-        torch.set_float32_matmul_precision(previous_precision)
+                failures += _keep_case(rows, case["name"], _rollout_progress, device, notes, meta, _run_rollout_case,
+                                       case, plan, dtype, device, quick, partial=_partial_path(out, ROLLOUT_JSON_NAME))
 
     _rollout_speedups(rows)
     rows = [{k: r[k] for k in _ROLLOUT_ROW_KEYS} for r in rows]
     print_rollout_table(rows, device.type)
-    summary = _rollout_summary(rows)
-    if summary:
-        print(summary)
     if rows and all(r["frac_floor"] is None for r in rows):
         notes.append(
             f"frac_floor not computed: no peak matrix throughput known for {meta['device']} "
@@ -1203,11 +1212,8 @@ def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: boo
         plot_note = f"plot failed: {type(exc).__name__}: {exc}"
     if plot_note:
         notes.append(plot_note)
-    for note in dict.fromkeys(notes):
-        print(f"note: {note}")
-    path = out / ROLLOUT_JSON_NAME
-    path.write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {len(rows)} rows to {path}")
+    _print_summary_and_notes(_rollout_summary(rows), notes)
+    _write_rows(rows, out, ROLLOUT_JSON_NAME)
     if plot_note is None:
         print(f"wrote the throughput plot to {plot_path}")
     return 1 if failures else 0

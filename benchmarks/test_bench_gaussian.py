@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ._common import run_benchmark
 from .bench_gaussian import MODES, OPS, build_case, case_id, provider_unavailable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -27,19 +28,7 @@ def test_gaussian(benchmark, op: str, mode: str, provider: str) -> None:
     if reason is not None:
         pytest.skip(reason)
     case = build_case(op, mode, provider, ROWS, S, DTYPE, DEVICE)
-
-    def run() -> None:
-        case.fn()
-        if ON_CUDA:
-            torch.cuda.synchronize()
-
-    run()  # warm-up: compiles and JITs outside the timing
     benchmark.extra_info.update(rows=ROWS, S=S, dtype=str(DTYPE).removeprefix("torch."), bytes_moved=case.bytes_moved)
-    if ON_CUDA:
-        benchmark(run)
-    else:
-        # The CPU interpreter takes tens of milliseconds a call: a few fixed rounds keep the suite short.
-        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and stats.stats.median > 0:
-        benchmark.extra_info["gbps"] = case.bytes_moved / stats.stats.median / 1e9
+    median_s = run_benchmark(benchmark, case.fn, ON_CUDA)
+    if median_s is not None:
+        benchmark.extra_info["gbps"] = case.bytes_moved / median_s / 1e9

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ._common import run_benchmark
 from .bench_rollout import (
     CEM_PROVIDERS,
     IMAGINE_BENCHMARKS,
@@ -44,25 +45,6 @@ CASES = all_cases(IMAGINE_BENCHMARKS, PROVIDERS, tuple(SIZES), NS, HS)
 CEM_CASES = [(provider, beliefs) for beliefs in BELIEFS for provider in CEM_PROVIDERS]
 
 
-def _run_benchmark(benchmark, fn) -> float | None:
-    """Warm up, time ``fn`` with pytest-benchmark and return the median seconds (None when timing is disabled)."""
-
-    def run() -> None:
-        fn()
-        if ON_CUDA:
-            torch.cuda.synchronize()
-
-    run()  # warm-up: compiles and JITs outside the timing
-    if ON_CUDA:
-        benchmark(run)
-    else:
-        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and stats.stats.median > 0:
-        return stats.stats.median
-    return None
-
-
 @pytest.mark.parametrize(
     ("benchmark_name", "provider", "size_name", "n", "horizon"),
     CASES,
@@ -88,7 +70,7 @@ def test_imagine(benchmark, benchmark_name: str, provider: str, size_name: str, 
         compile_mode=case.compile_mode,
         flop_per_row_step=flop,
     )
-    median_s = _run_benchmark(benchmark, case.fn)
+    median_s = run_benchmark(benchmark, case.fn, ON_CUDA)
     if median_s is not None:
         rate = row_steps(benchmark_name, n, horizon) / median_s
         benchmark.extra_info["row_steps_per_s"] = rate
@@ -121,7 +103,7 @@ def test_cem_decision(benchmark, provider: str, beliefs: int) -> None:
         iterations=settings.iterations,
         dtype=str(DTYPE).removeprefix("torch."),
     )
-    median_s = _run_benchmark(benchmark, case.fn)
+    median_s = run_benchmark(benchmark, case.fn, ON_CUDA)
     if median_s is not None:
         benchmark.extra_info["ms_per_decision"] = median_s * 1e3
         benchmark.extra_info["row_steps_per_s"] = row_steps("cem_decision", 0, 0, settings) / median_s

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ._common import run_benchmark
 from .bench_rssm import (
     BENCHMARKS,
     MODES,
@@ -47,13 +48,6 @@ def test_rssm(benchmark, benchmark_name: str, mode: str, provider: str, size_nam
         pytest.skip(reason)
     size = size_for(size_name, QUICK)
     case = build_case(benchmark_name, mode, provider, size, DTYPE, DEVICE)
-
-    def run() -> None:
-        case.fn()
-        if ON_CUDA:
-            torch.cuda.synchronize()
-
-    run()  # warm-up: compiles and JITs outside the timing
     steps = steps_per_call(size, benchmark_name)
     benchmark.extra_info.update(
         size=size.name,
@@ -66,12 +60,7 @@ def test_rssm(benchmark, benchmark_name: str, mode: str, provider: str, size_nam
         dtype=str(DTYPE).removeprefix("torch."),
         compile_mode=case.compile_mode,
     )
-    if ON_CUDA:
-        benchmark(run)
-    else:
-        benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and stats.stats.median > 0:
-        median_s = stats.stats.median
+    median_s = run_benchmark(benchmark, case.fn, ON_CUDA)
+    if median_s is not None:
         benchmark.extra_info["us_per_step"] = median_s * 1e6 / steps
         benchmark.extra_info["row_steps_per_s"] = row_steps(size, benchmark_name) / median_s

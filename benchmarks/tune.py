@@ -98,21 +98,24 @@ def _cases(device: torch.device, quick: bool) -> Iterator[tuple[str, str, dict[s
         for size_name, mode in (("dreamerv3", "fwd_bwd"), ("planet", "fwd_bwd"), ("dreamerv3", "fwd")):
             size = bench_rssm.size_for(size_name, quick)
             yield ("observe", f"observe {mode} {size_name} {size.B}x{size.T} {dn}",
-                   {"benchmark": "rssm_observe", "mode": mode, "size": size_name, "B": size.B, "T": size.T,
-                    "dtype": dn, "deter": size.deter, "hidden": size.hidden},
+                   {"benchmark": "rssm_observe", "provider": "fastwm", "mode": mode, "size": size_name, "B": size.B,
+                    "T": size.T, "dtype": dn, "deter": size.deter, "hidden": size.hidden},
                    lambda size=size, dtype=dtype, mode=mode: bench_rssm.build_case("observe", mode, "fastwm", size,
                                                                                    dtype, device).fn)
         size = bench_rssm.size_for("dreamerv3", quick)
         for n in (bench_rollout.QUICK_N if quick else (2500, 16384)):
             h = bench_rollout.QUICK_H[0] if quick else 15
             yield ("imagine", f"imagine dreamerv3 N{n} H{h} {dn}",
-                   {"benchmark": "rssm_imagine", "size": "dreamerv3", "N": n, "H": h, "dtype": dn},
+                   {"benchmark": "rssm_imagine", "provider": "fastwm", "size": "dreamerv3", "N": n, "H": h,
+                    "dtype": dn},
                    lambda n=n, h=h, dtype=dtype, size=size: bench_rollout.build_case(
                        "imagine", "fastwm", size, n, h, dtype, device).fn)
     size = bench_rssm.size_for("planet", quick)
     settings = bench_rollout.cem_settings(1, quick)
     yield ("cem", f"cem_decision planet {settings.candidates} candidates float32",
-           {"benchmark": "cem_decision", "size": "planet", "candidates": settings.candidates, "dtype": "float32"},
+           {"benchmark": "cem_decision", "provider": "fastwm", "size": "planet", "beliefs": settings.beliefs,
+            "candidates": settings.candidates, "horizon": settings.horizon, "top_k": settings.top_k,
+            "iterations": settings.iterations, "dtype": "float32"},
            lambda: bench_rollout.build_cem_case("fastwm", size, settings, torch.float32, device).fn)
 
 
