@@ -71,9 +71,14 @@ def check_values(finite: dict[str, torch.Tensor], positive: dict[str, torch.Tens
     """Value checks, only when enabled by :func:`set_validate_args` and outside torch.compile."""
     if not _validate_values or torch.compiler.is_compiling():
         return
-    for name, t in finite.items():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} must be finite, found NaN or infinite values")
-    for name, t in (positive or {}).items():
-        if not bool((t > 0).all()):
-            raise ValueError(f"{name} must be strictly positive (a standard deviation), found values <= 0")
+    checks = [(name, torch.isfinite(t).all(), "must be finite, found NaN or infinite values")
+              for name, t in finite.items()]
+    checks += [(name, (t > 0).all(), "must be strictly positive (a standard deviation), found values <= 0")
+               for name, t in (positive or {}).items()]
+    if not checks:
+        return
+    # one device-to-host sync for all of them (the flags of tensors on other devices are moved first)
+    ok = torch.stack([flag.to(checks[0][1].device) for _, flag, _ in checks]).tolist()
+    for (name, _, what), good in zip(checks, ok):
+        if not good:
+            raise ValueError(f"{name} {what}")

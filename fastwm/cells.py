@@ -63,7 +63,8 @@ def gru_cell(
         check_like("bias_ih", bias_ih, "x", x, shape=(3 * d,))
     if bias_hh is not None:
         check_like("bias_hh", bias_hh, "x", x, shape=(3 * d,))
-    check_values({"x": x, "h": h})
+    check_values({"x": x, "h": h, "weight_ih": weight_ih, "weight_hh": weight_hh,
+                  **{k: v for k, v in (("bias_ih", bias_ih), ("bias_hh", bias_hh)) if v is not None}})
     if unbatched:
         return gru_cell(x[None], h[None], weight_ih, weight_hh, bias_ih, bias_hh)[0]
     if use_triton(x):
@@ -109,7 +110,7 @@ def layernorm_gru_cell(
         raise ValueError(f"eps must be > 0 and finite, got {eps!r}")
     if not math.isfinite(update_bias):
         raise ValueError(f"update_bias must be finite, got {update_bias!r}")
-    check_values({"x": x, "h": h})
+    check_values({"x": x, "h": h, "weight": weight, "norm_weight": norm_weight, "norm_bias": norm_bias})
     if unbatched:
         return layernorm_gru_cell(x[None], h[None], weight, norm_weight, norm_bias, eps=eps,
                                   update_bias=update_bias)[0]

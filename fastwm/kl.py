@@ -86,6 +86,8 @@ def kl_loss(
     check_tensor("q_mean", q_mean)
     for name, t in (("q_std", q_std), ("p_mean", p_mean), ("p_std", p_std)):
         check_like(name, t, "q_mean", q_mean)
+    if q_mean.numel() == 0:  # the mean over no steps would be a silent NaN
+        raise ValueError(f"q_mean must hold at least one step to average the KL over, got shape {tuple(q_mean.shape)}")
     free = _check_scalar("free_nats", _DEFAULT_FREE[mode] if free_nats is None else free_nats)
     if free_avg is not None and not isinstance(free_avg, bool):
         raise TypeError(f"free_avg must be a bool or None, got {type(free_avg).__name__}")

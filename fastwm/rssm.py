@@ -248,6 +248,11 @@ class RSSM(nn.Module):
                 raise ValueError(f"{name}.{field} must have {name}.stoch's shape {list(state.stoch.shape)}, got {got}")
         return state
 
+    def _check_parameters(self) -> None:
+        """Value check of every parameter (when set_validate_args is on): a NaN weight is named, not propagated."""
+        if get_validate_args():
+            check_values({f"RSSM parameter {n}": p.detach() for n, p in self.named_parameters()})
+
     def _check_input(self, name: str, t: object, width: int, lead: tuple[int, ...]) -> Tensor:
         w = self._like()
         if not isinstance(t, Tensor):
@@ -269,6 +274,7 @@ class RSSM(nn.Module):
         action = self._check_input("action", action, self.action_dim, (b,))
         if noise is not None:
             noise = self._check_input("noise", noise, self.stoch, (b,))
+        self._check_parameters()
         deter, z, mean, std = prior_step(self.config, self.weights(), state.stoch, action, state.deter, noise,
                                          generator=generator)
         return State(deter, z, mean, std)
@@ -288,6 +294,7 @@ class RSSM(nn.Module):
             noise = self._check_input("noise", noise, self.stoch, (b,))
         if prior_noise is not None:
             prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b,))
+        self._check_parameters()
         deter, qz, qm, qs, pz, pm, ps, kl = posterior_step(self.config, self.weights(), state.stoch, action,
                                                            state.deter, embed, noise, prior_noise,
                                                            generator=generator)
@@ -349,6 +356,7 @@ class RSSM(nn.Module):
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
         check_values({"embed": embed, "action": action, "state.stoch": state.stoch, "state.deter": state.deter,
                       **_given(noise=noise, prior_noise=prior_noise)})
+        self._check_parameters()
         if use_triton(embed) and t_len > 0:
             deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, self.weights(), state.stoch, state.deter,
                                                               embed, action, is_first, noise, prior_noise, generator,
@@ -401,6 +409,7 @@ class RSSM(nn.Module):
                 raise ValueError("give either noise or generator, not both (the generator only draws noise)")
         check_values({"actions": actions, "state.stoch": state.stoch, "state.deter": state.deter,
                       **_given(noise=noise)})
+        self._check_parameters()
         if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
             # No gradient needed: the whole horizon in one kernel launch.
             out = imagine_fused(self.config, self.weights(), state.stoch, state.deter, h_len, actions=actions,
@@ -426,6 +435,7 @@ class RSSM(nn.Module):
             raise TypeError(f"policy must be callable (features [B, S + D] -> actions [B, A]), got "
                             f"{type(policy).__name__}")
         check_values({"state.stoch": state.stoch, "state.deter": state.deter})
+        self._check_parameters()
         b = state.stoch.shape[0]
         if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, module=self) and not (
                 isinstance(policy, nn.Module) and needs_grad(module=policy)):

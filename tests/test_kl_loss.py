@@ -141,6 +141,12 @@ def test_kl_loss_bad_arguments(kwargs, exc, match):
         fastwm.kl_loss(qm, qs, pm, ps, **kwargs)
 
 
+def test_kl_loss_empty_batch_raises():
+    qm, qs, pm, ps = (t[:0] for t in _inputs(torch.device("cpu"), torch.float32))
+    with pytest.raises(ValueError, match="q_mean must hold at least one step"):
+        fastwm.kl_loss(qm, qs, pm, ps)
+
+
 def test_kl_loss_shape_mismatch_names_argument():
     qm, qs, pm, ps = _inputs(torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="p_std must have shape"):

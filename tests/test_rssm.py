@@ -728,7 +728,13 @@ def test_value_checks_name_the_argument(backend):
         (r"^is_first must hold only 0 and 1", lambda: model.observe(z(b, 2, E), z(b, 2, A), torch.full((b, 2), 0.5))),
         (r"^actions must be finite", lambda: model.imagine(torch.full((b, 2, A), float("nan")), st)),
         (r"^state.deter must be finite", lambda: model.rollout(policy, nan_state, 2)),
+        (r"^RSSM parameter post2.bias must be finite", lambda: bad_model.observe(z(b, 2, E), z(b, 2, A))),
+        (r"^RSSM parameter post2.bias must be finite", lambda: bad_model.obs_step(st, z(b, A), z(b, E))),
+        (r"^RSSM parameter post2.bias must be finite", lambda: bad_model.imagine(z(b, 2, A), st)),
     ]
+    bad_model = copy.deepcopy(model)
+    with torch.no_grad():
+        bad_model.post2.bias[1] = float("nan")
     fastwm.set_validate_args(True)
     try:
         with fastwm.backend(backend), torch.no_grad():  # no_grad: imagine and rollout take the single launch

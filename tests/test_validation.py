@@ -81,6 +81,19 @@ def test_value_checks_when_enabled(call, match, backend):
         fastwm.set_validate_args(False)
 
 
+def test_cell_weights_are_value_checked(backend):
+    x, h = torch.randn(3, 4), torch.randn(3, 5)
+    w_ih, w_hh = torch.randn(15, 4), torch.randn(15, 5)
+    fastwm.set_validate_args(True)
+    try:
+        with pytest.raises(ValueError, match="^weight_hh must be finite"):
+            fastwm.gru_cell(x, h, w_ih, w_hh.index_fill(0, torch.tensor([2]), float("nan")))
+        with pytest.raises(ValueError, match="^norm_bias must be finite"):
+            fastwm.layernorm_gru_cell(x, h, torch.randn(15, 9), torch.ones(15), torch.full((15,), float("inf")))
+    finally:
+        fastwm.set_validate_args(False)
+
+
 def test_set_validate_args_takes_a_bool():
     with pytest.raises(TypeError, match="enabled must be a bool"):
         fastwm.set_validate_args("no")
