@@ -402,12 +402,16 @@ def open_loop(model: WorldModel, episodes: list[Episode], context: int, horizon:
 
 class PlannerActor:
     """Acts in the real environment: filter the observation into the belief, then plan with CEM from it; with
-    ``noise`` > 0, Gaussian exploration noise is added to the planned action (PlaNet's data collection)."""
+    ``noise`` > 0, Gaussian exploration noise is added to the planned action (PlaNet's data collection). The belief's
+    samples come from a generator of its own, seeded with ``seed``: the global one's state depends on what ran before
+    (the imagination timing loop runs for a time, not a number of calls), which made the planner's returns vary
+    from run to run."""
 
     def __init__(self, model: WorldModel, planner: CEMPlanner, device: torch.device, noise: float = 0.0,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, seed: int = 0) -> None:
         self.model, self.planner, self.device = model, planner, device
         self.noise, self.rng = noise, rng
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.state: State | None = None
 
     @torch.no_grad()
@@ -419,7 +423,7 @@ class PlannerActor:
             prev = np.zeros_like(prev)
         o = torch.as_tensor(obs, device=self.device)[None]
         a = torch.as_tensor(prev, device=self.device)[None]
-        post, _ = rssm.obs_step(self.state, a, self.model.embed(o))
+        post, _ = rssm.obs_step(self.state, a, self.model.embed(o), generator=self.generator)
         self.state = post
         action = self.planner(post)[0].float().cpu().numpy()
         if self.noise > 0 and self.rng is not None:
@@ -656,7 +660,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             if i < rounds and rounds_done <= i:
                 t1 = time.perf_counter()
                 actor = PlannerActor(model, make_planner(model, cfg, device, seed=1000 + i), device,
-                                     noise=cfg.explore_noise, rng=np.random.default_rng([cfg.seed, 10 + i]))
+                                     noise=cfg.explore_noise, rng=np.random.default_rng([cfg.seed, 10 + i]),
+                                     seed=2000 + i)
                 eps = [run_episode(env, 3 * 10**7 + cfg.seed * 1000 + 10 * i + j, actor)
                        for j in range(cfg.collect_episodes)]
                 data.extend(eps)
@@ -695,7 +700,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     # 4. Planning -----------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    actor = PlannerActor(model, make_planner(model, cfg, device, seed=cfg.seed), device)
+    actor = PlannerActor(model, make_planner(model, cfg, device, seed=cfg.seed), device, seed=cfg.seed + 1)
     eval_seeds = [2 * 10**7 + cfg.seed * 1000 + i for i in range(max(cfg.plan_episodes, cfg.random_episodes))]
     with use_backend(be):
         plan_returns = [run_episode(env, s, actor).ret for s in eval_seeds[:cfg.plan_episodes]]

@@ -16,7 +16,7 @@ pytest.importorskip("gymnasium", reason="the demo's dependencies are in the test
 pytest.importorskip("matplotlib")
 
 from fastwm.__main__ import main
-from fastwm.demo import QUICK, Dataset, DemoConfig, Env, Episode, run, sample_batch
+from fastwm.demo import QUICK, Dataset, DemoConfig, Env, Episode, PlannerActor, make_planner, run, sample_batch
 from fastwm.worldmodel import WorldModel
 
 API_FIELDS = ("env", "steps", "elbo_first", "elbo_last", "plan_return", "random_return")
@@ -194,6 +194,24 @@ def test_world_model_loss_reaches_every_parameter(obs_shape: tuple[int, ...]) ->
     out.terms.loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
+def test_planner_actor_ignores_the_global_rng() -> None:
+    """The acting belief samples from the actor's own generator: what ran before (the demo's time-bound imagination
+    timing, which draws from the global generator a varying number of times) does not change the actions."""
+    torch.manual_seed(0)
+    model = WorldModel((3,), 1, embed=8, deter=8, stoch=4, hidden=8, depth=2, free_nats=0.0)
+    cfg = DemoConfig(**{**QUICK, "candidates": 16, "top_k": 4, "iterations": 2, "horizon": 3})
+    obs, prev = np.array([0.1, -0.2, 0.3], dtype=np.float32), np.zeros(1, dtype=np.float32)
+    runs = []
+    for draws in (0, 7):
+        torch.randn(draws)
+        actor = PlannerActor(model, make_planner(model, cfg, torch.device("cpu"), seed=3), torch.device("cpu"), seed=4)
+        actions = np.stack([actor(obs, prev, t == 0) for t in range(3)])
+        assert actor.state is not None
+        runs.append((actions, actor.state.stoch))
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1]), "the belief sample depends on the global generator"
 
 
 def test_world_model_rejects_bad_shapes() -> None:
