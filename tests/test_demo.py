@@ -16,7 +16,18 @@ pytest.importorskip("gymnasium", reason="the demo's dependencies are in the test
 pytest.importorskip("matplotlib")
 
 from fastwm.__main__ import main
-from fastwm.demo import QUICK, Dataset, DemoConfig, Env, Episode, PlannerActor, make_planner, run, sample_batch
+from fastwm.demo import (
+    QUICK,
+    Dataset,
+    DemoConfig,
+    Env,
+    Episode,
+    PlannerActor,
+    make_planner,
+    open_loop,
+    run,
+    sample_batch,
+)
 from fastwm.worldmodel import WorldModel
 
 API_FIELDS = ("env", "steps", "elbo_first", "elbo_last", "plan_return", "random_return")
@@ -196,9 +207,10 @@ def test_world_model_loss_reaches_every_parameter(obs_shape: tuple[int, ...]) ->
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
 
 
-def test_planner_actor_ignores_the_global_rng() -> None:
-    """The acting belief samples from the actor's own generator: what ran before (the demo's time-bound imagination
-    timing, which draws from the global generator a varying number of times) does not change the actions."""
+def test_acting_and_open_loop_ignore_the_global_rng() -> None:
+    """The acting belief and the open-loop filtering sample from generators of their own: what ran before (the
+    demo's time-bound imagination timing draws from the global generator a varying number of times) changes neither
+    the actions nor the prediction error."""
     torch.manual_seed(0)
     model = WorldModel((3,), 1, embed=8, deter=8, stoch=4, hidden=8, depth=2, free_nats=0.0)
     cfg = DemoConfig(**{**QUICK, "candidates": 16, "top_k": 4, "iterations": 2, "horizon": 3})
@@ -212,6 +224,12 @@ def test_planner_actor_ignores_the_global_rng() -> None:
         runs.append((actions, actor.state.stoch))
     assert np.array_equal(runs[0][0], runs[1][0])
     assert torch.equal(runs[0][1], runs[1][1]), "the belief sample depends on the global generator"
+    errors = []
+    for draws in (0, 7):
+        torch.randn(draws)
+        ol = open_loop(model, _episodes([12, 14]), 4, 6, torch.device("cpu"), torch.Generator().manual_seed(5))
+        errors.append(ol["mse_per_step"])
+    assert errors[0] == errors[1], "the open-loop filtering depends on the global generator"
 
 
 def test_world_model_rejects_bad_shapes() -> None:
