@@ -67,14 +67,16 @@ def check_generator(generator: object) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-def check_values(finite: dict[str, torch.Tensor], positive: dict[str, torch.Tensor] | None = None) -> None:
-    """Value checks, only when enabled by :func:`set_validate_args` and outside torch.compile."""
+def check_values(finite: dict[str, torch.Tensor | None],
+                 positive: dict[str, torch.Tensor | None] | None = None) -> None:
+    """Value checks, only when enabled by :func:`set_validate_args` and outside torch.compile. Absent (None)
+    optional arguments are skipped."""
     if not _validate_values or torch.compiler.is_compiling():
         return
     checks = [(name, torch.isfinite(t).all(), "must be finite, found NaN or infinite values")
-              for name, t in finite.items()]
+              for name, t in finite.items() if t is not None]
     checks += [(name, (t > 0).all(), "must be strictly positive (a standard deviation), found values <= 0")
-               for name, t in (positive or {}).items()]
+               for name, t in (positive or {}).items() if t is not None]
     if not checks:
         return
     # one device-to-host sync for all of them (the flags of tensors on other devices are moved first)

@@ -63,8 +63,8 @@ def gru_cell(
         check_like("bias_ih", bias_ih, "x", x, shape=(3 * d,))
     if bias_hh is not None:
         check_like("bias_hh", bias_hh, "x", x, shape=(3 * d,))
-    check_values({"x": x, "h": h, "weight_ih": weight_ih, "weight_hh": weight_hh,
-                  **{k: v for k, v in (("bias_ih", bias_ih), ("bias_hh", bias_hh)) if v is not None}})
+    check_values({"x": x, "h": h, "weight_ih": weight_ih, "weight_hh": weight_hh, "bias_ih": bias_ih,
+                  "bias_hh": bias_hh})
     if unbatched:
         return gru_cell(x[None], h[None], weight_ih, weight_hh, bias_ih, bias_hh)[0]
     if use_triton(x):

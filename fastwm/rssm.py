@@ -76,11 +76,6 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _given(**tensors: Tensor | None) -> dict[str, Tensor]:
-    """The optional tensors that were given, by name (for the value checks)."""
-    return {k: v for k, v in tensors.items() if v is not None}
-
-
 def _norm(norm: bool, width: int, eps: float, **kw) -> nn.LayerNorm | None:
     return nn.LayerNorm(width, eps=eps, **kw) if norm else None
 
@@ -355,7 +350,7 @@ class RSSM(nn.Module):
         if state.stoch.shape[0] != b:
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
         check_values({"embed": embed, "action": action, "state.stoch": state.stoch, "state.deter": state.deter,
-                      **_given(noise=noise, prior_noise=prior_noise)})
+                      "noise": noise, "prior_noise": prior_noise})
         self._check_parameters()
         if use_triton(embed) and t_len > 0:
             deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, self.weights(), state.stoch, state.deter,
@@ -407,8 +402,7 @@ class RSSM(nn.Module):
             noise = self._check_input("noise", noise, self.stoch, (b, h_len))
             if generator is not None:
                 raise ValueError("give either noise or generator, not both (the generator only draws noise)")
-        check_values({"actions": actions, "state.stoch": state.stoch, "state.deter": state.deter,
-                      **_given(noise=noise)})
+        check_values({"actions": actions, "state.stoch": state.stoch, "state.deter": state.deter, "noise": noise})
         self._check_parameters()
         if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
             # No gradient needed: the whole horizon in one kernel launch.

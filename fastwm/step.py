@@ -27,9 +27,8 @@ def _noise(noise: Tensor | None, like: Tensor, generator: torch.Generator | None
 
 def _values(stoch: Tensor, action: Tensor, deter: Tensor, embed: Tensor | None = None, noise: Tensor | None = None,
             prior_noise: Tensor | None = None) -> None:
-    finite = {"state.stoch": stoch, "action": action, "state.deter": deter, "embed": embed, "noise": noise,
-              "prior_noise": prior_noise}
-    check_values({k: v for k, v in finite.items() if v is not None})
+    check_values({"state.stoch": stoch, "action": action, "state.deter": deter, "embed": embed, "noise": noise,
+                  "prior_noise": prior_noise})
 
 
 def prior_step(
