@@ -243,10 +243,11 @@ class RSSM(nn.Module):
                 raise ValueError(f"{name}.{field} must have {name}.stoch's shape {list(state.stoch.shape)}, got {got}")
         return state
 
-    def _check_parameters(self) -> None:
-        """Value check of every parameter (when set_validate_args is on): a NaN weight is named, not propagated."""
+    def _check_values(self, finite: dict[str, Tensor | None]) -> None:
+        """Value checks of ``finite`` and of every parameter, in one host sync (when set_validate_args is on): a NaN
+        input or weight is named, not propagated."""
         if get_validate_args():
-            check_values({f"RSSM parameter {n}": p.detach() for n, p in self.named_parameters()})
+            check_values({**finite, **{f"RSSM parameter {n}": p.detach() for n, p in self.named_parameters()}})
 
     def _check_input(self, name: str, t: object, width: int, lead: tuple[int, ...]) -> Tensor:
         w = self._like()
@@ -269,7 +270,7 @@ class RSSM(nn.Module):
         action = self._check_input("action", action, self.action_dim, (b,))
         if noise is not None:
             noise = self._check_input("noise", noise, self.stoch, (b,))
-        self._check_parameters()
+        self._check_values({})  # the inputs: prior_step checks them
         deter, z, mean, std = prior_step(self.config, self.weights(), state.stoch, action, state.deter, noise,
                                          generator=generator)
         return State(deter, z, mean, std)
@@ -289,7 +290,7 @@ class RSSM(nn.Module):
             noise = self._check_input("noise", noise, self.stoch, (b,))
         if prior_noise is not None:
             prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b,))
-        self._check_parameters()
+        self._check_values({})  # the inputs: posterior_step checks them
         deter, qz, qm, qs, pz, pm, ps, kl = posterior_step(self.config, self.weights(), state.stoch, action,
                                                            state.deter, embed, noise, prior_noise,
                                                            generator=generator)
@@ -349,9 +350,8 @@ class RSSM(nn.Module):
         state = self.initial(b) if state is None else self._check_state(state)
         if state.stoch.shape[0] != b:
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
-        check_values({"embed": embed, "action": action, "state.stoch": state.stoch, "state.deter": state.deter,
-                      "noise": noise, "prior_noise": prior_noise})
-        self._check_parameters()
+        self._check_values({"embed": embed, "action": action, "state.stoch": state.stoch, "state.deter": state.deter,
+                            "noise": noise, "prior_noise": prior_noise})
         if use_triton(embed) and t_len > 0:
             deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, self.weights(), state.stoch, state.deter,
                                                               embed, action, is_first, noise, prior_noise, generator,
@@ -402,8 +402,8 @@ class RSSM(nn.Module):
             noise = self._check_input("noise", noise, self.stoch, (b, h_len))
             if generator is not None:
                 raise ValueError("give either noise or generator, not both (the generator only draws noise)")
-        check_values({"actions": actions, "state.stoch": state.stoch, "state.deter": state.deter, "noise": noise})
-        self._check_parameters()
+        self._check_values({"actions": actions, "state.stoch": state.stoch, "state.deter": state.deter,
+                            "noise": noise})
         if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
             # No gradient needed: the whole horizon in one kernel launch.
             out = imagine_fused(self.config, self.weights(), state.stoch, state.deter, h_len, actions=actions,
@@ -428,8 +428,7 @@ class RSSM(nn.Module):
         if not callable(policy):
             raise TypeError(f"policy must be callable (features [B, S + D] -> actions [B, A]), got "
                             f"{type(policy).__name__}")
-        check_values({"state.stoch": state.stoch, "state.deter": state.deter})
-        self._check_parameters()
+        self._check_values({"state.stoch": state.stoch, "state.deter": state.deter})
         b = state.stoch.shape[0]
         if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, module=self) and not (
                 isinstance(policy, nn.Module) and needs_grad(module=policy)):
