@@ -36,6 +36,20 @@ def get_validate_args() -> bool:
     return _validate_values
 
 
+def check_float(name: str, value: object) -> float:
+    """A real number (an int or a float, not a bool), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """An int >= 1 (not a bool: True would pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def check_tensor(name: str, t: object, *, min_dim: int = 1) -> torch.Tensor:
     """A floating tensor with at least ``min_dim`` dims and a non-empty last dim."""
     if not isinstance(t, torch.Tensor):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import reference
 from ._backend import use_triton
-from ._validation import check_like, check_tensor, check_values
+from ._validation import check_float, check_like, check_tensor, check_values
 
 __all__ = ["gru_cell", "layernorm_gru_cell"]
 
@@ -103,9 +103,8 @@ def layernorm_gru_cell(
     check_like("weight", weight, "x", x, shape=(3 * d, xw + d))
     check_like("norm_weight", norm_weight, "x", x, shape=(3 * d,))
     check_like("norm_bias", norm_bias, "x", x, shape=(3 * d,))
-    for name, value in (("eps", eps), ("update_bias", update_bias)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    check_float("eps", eps)
+    check_float("update_bias", update_bias)
     if not 0 < eps < math.inf:
         raise ValueError(f"eps must be > 0 and finite, got {eps!r}")
     if not math.isfinite(update_bias):

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import reference
 from ._backend import use_triton
-from ._validation import check_generator, check_like, check_tensor, check_values
+from ._validation import check_float, check_generator, check_like, check_tensor, check_values
 
 __all__ = [
     "GaussianHeadSample",
@@ -294,8 +294,7 @@ def _std_mode_id(mode: str) -> int:
 
 
 def _check_min_std(min_std: float, mode: str) -> float:
-    if not isinstance(min_std, (int, float)) or isinstance(min_std, bool):
-        raise TypeError(f"min_std must be a float, got {type(min_std).__name__}")
+    min_std = check_float("min_std", min_std)
     if not min_std >= 0.0 or min_std == float("inf"):
         raise ValueError(f"min_std must be a finite float >= 0, got {min_std}")
     if mode == "softplus_clamp" and min_std == 0.0:

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ._validation import check_like, check_tensor
+from ._validation import check_float, check_like, check_tensor
 from .gaussian import gaussian_kl
 
 __all__ = ["KL_MODES", "KL_PRESETS", "kl_loss"]
@@ -45,8 +45,7 @@ KL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _check_scalar(name: str, value: object, *, low: float = 0.0, high: float = float("inf")) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = check_float(name, value)
     if not (low <= value <= high) or value == float("inf"):
         raise ValueError(f"{name} must be a finite float in [{low}, {high}], got {value}")
     return float(value)

@@ -21,23 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from ._backend import use_triton
-from ._validation import check_values
+from ._validation import check_float, check_positive_int, check_values
 from .rollout import imagine_fused, pack_mlp
 from .rssm import RSSM, State
 
 __all__ = ["CEMPlanner", "MPPIPlanner"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
 
 
 def _bound(name: str, value: object, action_dim: int) -> Tensor:
@@ -70,9 +58,9 @@ class _Planner(nn.Module):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.rssm = rssm
         self.reward = reward
-        self.horizon = _positive_int("horizon", horizon)
-        self.samples = _positive_int(samples_name, samples)
-        self.iterations = _positive_int("iterations", iterations)
+        self.horizon = check_positive_int("horizon", horizon)
+        self.samples = check_positive_int(samples_name, samples)
+        self.iterations = check_positive_int("iterations", iterations)
         low = _bound("action_low", action_low, rssm.action_dim)
         high = _bound("action_high", action_high, rssm.action_dim)
         if not bool((low < high).all()):
@@ -80,11 +68,11 @@ class _Planner(nn.Module):
                              f"{high.tolist()}")
         self.register_buffer("action_low", low, persistent=False)
         self.register_buffer("action_high", high, persistent=False)
-        if init_std is not None and not (math.isfinite(_real("init_std", init_std)) and init_std > 0):
+        if init_std is not None and not (math.isfinite(check_float("init_std", init_std)) and init_std > 0):
             raise ValueError(f"init_std must be a positive float, got {init_std!r}")
         std0 = (high - low) / 2 if init_std is None else torch.full_like(low, float(init_std))
         self.register_buffer("init_std", std0, persistent=False)
-        if not (math.isfinite(_real("min_std", min_std)) and min_std >= 0):
+        if not (math.isfinite(check_float("min_std", min_std)) and min_std >= 0):
             raise ValueError(f"min_std must be a float >= 0, got {min_std!r}")
         self.min_std = float(min_std)
         self.warm_start = bool(warm_start)
@@ -210,7 +198,7 @@ class CEMPlanner(_Planner):
                          action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
                          warm_start=warm_start, generator=generator, stochastic=stochastic,
                          samples_name="candidates")
-        self.top_k = _positive_int("top_k", top_k)
+        self.top_k = check_positive_int("top_k", top_k)
         if top_k > candidates:
             raise ValueError(f"top_k must be at most candidates ({candidates}), got {top_k}")
 
@@ -240,7 +228,7 @@ class MPPIPlanner(_Planner):
         super().__init__(rssm, reward, horizon=horizon, samples=samples, iterations=iterations,
                          action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
                          warm_start=warm_start, generator=generator, stochastic=stochastic)
-        if not (math.isfinite(_real("temperature", temperature)) and temperature > 0):
+        if not (math.isfinite(check_float("temperature", temperature)) and temperature > 0):
             raise ValueError(f"temperature must be a positive float, got {temperature!r}")
         self.temperature = float(temperature)
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._backend import use_triton
-from ._validation import check_values, get_validate_args
+from ._validation import check_positive_int, check_values, get_validate_args
 from .gaussian import _check_min_std
 from .observe import fused_observe
 from .rollout import imagine_fused, needs_grad, pack_mlp
@@ -69,11 +69,6 @@ class LayerNormGRUCell(nn.Module):
 
         return layernorm_gru_cell(x, h, self.weight, self.norm.weight, self.norm.bias, eps=self.norm.eps,
                                   update_bias=self.update_bias)
-
-
-def _is_int(value: object) -> bool:
-    """An int that is not a bool (True would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _norm(norm: bool, width: int, eps: float, **kw) -> nn.LayerNorm | None:
@@ -132,12 +127,11 @@ class RSSM(nn.Module):
         super().__init__()
         for name, value in (("action_dim", action_dim), ("embed_dim", embed_dim), ("stoch", stoch),
                             ("hidden", hidden)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if cell not in reference.CELLS:
             raise ValueError(f"cell must be one of {reference.CELLS}, got {cell!r}")
-        if cell != "none" and (not _is_int(deter) or deter < 1):
-            raise ValueError(f"deter must be a positive int, got {deter!r}")
+        if cell != "none":
+            check_positive_int("deter", deter)
         if act not in reference.ACTIVATIONS:
             raise ValueError(f"act must be one of {reference.ACTIVATIONS}, got {act!r}")
         if std_mode not in reference.STD_MODES:
@@ -202,7 +196,7 @@ class RSSM(nn.Module):
     def initial(self, batch_size: int) -> State:
         """The initial state: zeros for deter, stoch and mean, ones for std (TorchRL's and Dreamer V1's zero state).
         ``batch_size`` 0 gives empty [0, ...] fields."""
-        if not _is_int(batch_size) or batch_size < 0:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
         w = self._like()
         zeros = torch.zeros(batch_size, self.stoch, device=w.device, dtype=w.dtype)
@@ -423,8 +417,7 @@ class RSSM(nn.Module):
         When no gradient is needed and ``policy`` is a plain MLP (see :func:`fastwm.rollout.pack_mlp`), the whole
         loop, the policy included, runs in one kernel launch on the Triton backend."""
         state = self._check_state(state)
-        if not _is_int(horizon) or horizon < 1:
-            raise ValueError(f"horizon must be a positive int, got {horizon!r}")
+        check_positive_int("horizon", horizon)
         if not callable(policy):
             raise TypeError(f"policy must be callable (features [B, S + D] -> actions [B, A]), got "
                             f"{type(policy).__name__}")
