@@ -264,9 +264,14 @@ class RSSM(nn.Module):
         action = self._check_input("action", action, self.action_dim, (b,))
         if noise is not None:
             noise = self._check_input("noise", noise, self.stoch, (b,))
-        self._check_values({})  # the inputs: prior_step checks them
+        self._check_values({"state.stoch": state.stoch, "action": action, "state.deter": state.deter, "noise": noise})
+        return self._img_step(state, action, noise, generator)
+
+    def _img_step(self, state: State, action: Tensor, noise: Tensor | None,
+                  generator: torch.Generator | None) -> State:
+        # img_step on inputs already checked (the time loops check a whole sequence once, not every step)
         deter, z, mean, std = prior_step(self.config, self.weights(), state.stoch, action, state.deter, noise,
-                                         generator=generator)
+                                         generator=generator, validate=False)
         return State(deter, z, mean, std)
 
     def obs_step(self, state: State, action: Tensor, embed: Tensor, noise: Tensor | None = None, *,
@@ -284,12 +289,18 @@ class RSSM(nn.Module):
             noise = self._check_input("noise", noise, self.stoch, (b,))
         if prior_noise is not None:
             prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b,))
-        self._check_values({})  # the inputs: posterior_step checks them
+        self._check_values({"state.stoch": state.stoch, "action": action, "state.deter": state.deter, "embed": embed,
+                            "noise": noise, "prior_noise": prior_noise})
+        post, prior, kl = self._obs_step(state, action, embed, noise, prior_noise, generator)
+        return (post, prior, kl) if return_kl else (post, prior)
+
+    def _obs_step(self, state: State, action: Tensor, embed: Tensor, noise: Tensor | None,
+                  prior_noise: Tensor | None, generator: torch.Generator | None) -> tuple[State, State, Tensor]:
+        # obs_step on inputs already checked, with the KL
         deter, qz, qm, qs, pz, pm, ps, kl = posterior_step(self.config, self.weights(), state.stoch, action,
                                                            state.deter, embed, noise, prior_noise,
-                                                           generator=generator)
-        post, prior = State(deter, qz, qm, qs), State(deter, pz, pm, ps)
-        return (post, prior, kl) if return_kl else (post, prior)
+                                                           generator=generator, validate=False)
+        return State(deter, qz, qm, qs), State(deter, pz, pm, ps), kl
 
     def _reset(self, state: State, action: Tensor, first: Tensor) -> tuple[State, Tensor]:
         init = self.initial(state.stoch.shape[0])
@@ -365,9 +376,8 @@ class RSSM(nn.Module):
             a = action[:, t]
             if is_first is not None:
                 state, a = self._reset(state, a, is_first[:, t])
-            post, prior, kl = self.obs_step(state, a, embed[:, t], None if noise is None else noise[:, t],
-                                            prior_noise=None if prior_noise is None else prior_noise[:, t],
-                                            generator=generator, return_kl=True)
+            post, prior, kl = self._obs_step(state, a, embed[:, t], None if noise is None else noise[:, t],
+                                             None if prior_noise is None else prior_noise[:, t], generator)
             posts.append(post)
             priors.append(prior)
             kls.append(kl)
@@ -405,7 +415,7 @@ class RSSM(nn.Module):
             return State(out.deter, out.stoch, out.mean, out.std)
         states = []
         for t in range(h_len):
-            state = self.img_step(state, actions[:, t], None if noise is None else noise[:, t], generator=generator)
+            state = self._img_step(state, actions[:, t], None if noise is None else noise[:, t], generator)
             states.append(state)
         return stack_states(states, like=state)
 
@@ -435,7 +445,9 @@ class RSSM(nn.Module):
         for _ in range(horizon):
             a = policy(self.features(state))
             a = self._check_input("policy output", a, self.action_dim, (b,))
-            state = self.img_step(state, a, generator=generator)
+            if get_validate_args():
+                check_values({"policy output": a})
+            state = self._img_step(state, a, None, generator)
             states.append(state)
             actions.append(a)
         return stack_states(states), torch.stack(actions, dim=1)

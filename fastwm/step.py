@@ -40,15 +40,19 @@ def prior_step(
     noise: Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One prior step: stoch [B, S], action [B, A], deter [B, D] -> (deter' [B, D], stoch' [B, S], mean, std).
 
     ``noise`` [B, S] is used for the sample when given (as a constant: no gradient flows into it); otherwise the
-    kernels draw it from a seed taken from ``generator`` (the reference backend draws it with torch.randn)."""
+    kernels draw it from a seed taken from ``generator`` (the reference backend draws it with torch.randn).
+    ``validate=False`` skips the value checks (see :func:`fastwm.set_validate_args`): for a caller that has checked
+    these values already, such as a time loop that checked its whole sequence once."""
     check_generator(generator)
     if noise is not None and generator is not None:
         raise ValueError("give either noise or generator, not both (the generator only draws noise)")
-    _values(stoch, action, deter, noise=noise)
+    if validate:
+        _values(stoch, action, deter, noise=noise)
     if use_triton(stoch):
         from .step_ops import fused_prior_step
 
@@ -67,15 +71,18 @@ def posterior_step(
     prior_noise: Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, ...]:
     """One posterior step: the prior step, the posterior head on [h', embed], both samples and KL(q || p).
 
-    Returns (deter', post_stoch, post_mean, post_std, prior_stoch, prior_mean, prior_std, kl [B])."""
+    Returns (deter', post_stoch, post_mean, post_std, prior_stoch, prior_mean, prior_std, kl [B]). ``validate`` as
+    in :func:`prior_step`."""
     check_generator(generator)
     if noise is not None and prior_noise is not None and generator is not None:
         raise ValueError("give either noise and prior_noise or generator, not all three (the generator only draws "
                          "noise)")
-    _values(stoch, action, deter, embed, noise, prior_noise)
+    if validate:
+        _values(stoch, action, deter, embed, noise, prior_noise)
     if use_triton(stoch):
         from .step_ops import fused_posterior_step
 

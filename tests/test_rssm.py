@@ -728,6 +728,7 @@ def test_value_checks_name_the_argument(backend):
         (r"^is_first must hold only 0 and 1", lambda: model.observe(z(b, 2, E), z(b, 2, A), torch.full((b, 2), 0.5))),
         (r"^actions must be finite", lambda: model.imagine(torch.full((b, 2, A), float("nan")), st)),
         (r"^state.deter must be finite", lambda: model.rollout(policy, nan_state, 2)),
+        (r"^policy output must be finite", lambda: model.rollout(lambda f: torch.full((b, A), float("nan")), st, 2)),
         (r"^RSSM parameter post2.bias must be finite", lambda: bad_model.observe(z(b, 2, E), z(b, 2, A))),
         (r"^RSSM parameter post2.bias must be finite", lambda: bad_model.obs_step(st, z(b, A), z(b, E))),
         (r"^RSSM parameter post2.bias must be finite", lambda: bad_model.imagine(z(b, 2, A), st)),
@@ -746,6 +747,43 @@ def test_value_checks_name_the_argument(backend):
     with fastwm.backend(backend), torch.no_grad():
         post, _ = model.observe(z(b, 2, E), z(b, 2, A), torch.full((b, 2), 0.5))  # not checked: non-zero resets
     assert post.stoch.shape == (b, 2, S)
+
+
+def test_step_loops_check_values_once_per_call(monkeypatch):
+    """With set_validate_args(True), observe, imagine and rollout looping over steps (the reference backend; imagine
+    with a gradient) check the inputs and parameters in one call (one host sync), not again at every step; rollout
+    also checks each step's policy output, which is new input."""
+    import fastwm.rssm as rssm_module
+    import fastwm.step as step_module
+
+    calls: list[list[str]] = []
+
+    def counting(tensors):
+        calls.append(list(tensors))
+        return check_values(tensors)
+
+    check_values = rssm_module.check_values
+    monkeypatch.setattr(rssm_module, "check_values", counting)
+    monkeypatch.setattr(step_module, "check_values", counting)
+    model, b, t_len = _small(), 3, 4
+    z, st = torch.zeros, model.initial(b)
+    fastwm.set_validate_args(True)
+    try:
+        with fastwm.backend("reference"):
+            model.observe(z(b, t_len, E), z(b, t_len, A), torch.zeros(b, t_len, dtype=torch.bool))
+            assert len(calls) == 1 and {"embed", "action", "noise"} <= set(calls[0]), calls
+            calls.clear()
+            model.imagine(z(b, t_len, A), st)
+            assert len(calls) == 1 and "actions" in calls[0], calls
+            calls.clear()
+            model.rollout(lambda f: torch.zeros(b, A), st, t_len)
+            assert [c for c in calls if c != ["policy output"]] == [calls[0]] and len(calls) == 1 + t_len, calls
+            calls.clear()
+            model.obs_step(st, z(b, A), z(b, E))
+            model.img_step(st, z(b, A))
+            assert len(calls) == 2, calls
+    finally:
+        fastwm.set_validate_args(False)
 
 
 @pytest.mark.parametrize("backend", ["reference", FUSED_BACKEND])
