@@ -77,8 +77,8 @@ class _TargetDriver:
 
 
 def _constexpr_summary(kernel) -> str:
-    names = ("CELL", "ACT", "NORM", "POST", "COMPUTE", "NOISE_Q", "NOISE_P", "STD_MODE", "HAS_FIRST", "MODE", "WRITE",
-             "POLICY", "REWARD", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_S")
+    names = ("CELL", "ACT", "NORM", "POST", "COMPUTE", "NOISE", "NOISE_Q", "NOISE_P", "STD_MODE", "HAS_FIRST", "MODE",
+             "OPEN_LOOP", "POLICY_LAYERS", "REWARD", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_S")
     src = getattr(kernel, "src", None)
     consts = getattr(src, "constants", None) or {}
     parts = []
@@ -89,7 +89,7 @@ def _constexpr_summary(kernel) -> str:
                 name = src.fn.arg_names[key[0]]
             except (AttributeError, IndexError):
                 name = None
-        if name is not None and (name in names or name.startswith(("HAS_", "STORE_", "SAVE_"))):
+        if name is not None and (name in names or name.startswith(("HAS_", "STORE_", "SAVE_", "WRITE_"))):
             parts.append(f"{name}={value}")
     return " ".join(parts)
 
@@ -135,6 +135,20 @@ def _feature_split(programs: int) -> Iterator[None]:
         yield
     finally:
         observe.FEATURE_SPLIT, observe.INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY = saved
+
+
+@contextmanager
+def _rollout_tiles(open_loop: tuple[int, int, int], closed_loop: tuple[int, int, int]) -> Iterator[None]:
+    """The rollout launched with these (BLOCK_M, BLOCK_N, BLOCK_K): those a GPU picks for thousands of starts (on the
+    CPU, where the scenarios' tensors live, it always picks 16 rows)."""
+    from fastwm.kernels import rollout
+
+    saved = rollout._rollout_tiles
+    rollout._rollout_tiles = lambda n, device, closed, fma=False: closed_loop if closed else open_loop
+    try:
+        yield
+    finally:
+        rollout._rollout_tiles = saved
 
 
 def _resources(cubin: bytes, tool: str) -> tuple[int | None, int | None, int | None]:
@@ -203,6 +217,18 @@ def _scenarios(dtypes: tuple[str, ...], cells: tuple[str, ...],
             fastwm.MPPIPlanner(m, reward, horizon=3, samples=32, iterations=2)(m.initial(2))
             fastwm.CEMPlanner(m, lambda f: f.sum(-1), horizon=3, candidates=32, top_k=4, iterations=1,
                               stochastic=False)(m.initial(2))
+            # the row blocks and tiles a GPU picks for launches over thousands of starts (this dtype's): imagination
+            # with features, the planners' return-only rollout, and the closed loop
+            from fastwm.kernels.rollout import _tile_candidates
+
+            opened = _tile_candidates(False, fma=dt in (torch.float32, torch.float64))
+            closed = _tile_candidates(True, fma=dt in (torch.float32, torch.float64))
+            for i, tiles in enumerate(opened):
+                with _rollout_tiles(tiles, closed[min(i, len(closed) - 1)]):
+                    m.imagine(torch.randn(b, 4, 6, dtype=dt), state)
+                    fastwm.CEMPlanner(m, reward, horizon=3, candidates=32, top_k=4, iterations=1)(m.initial(2))
+                    if i < len(closed):
+                        m.rollout(policy, state, 4)
 
     for name in dtypes:
         dt = getattr(torch, name)

@@ -10,7 +10,9 @@ variant in the same run, and prints each variant's median beside the current def
   the default, 0, is the row split);
 * imagine (dreamerv3, H = 15, N = 2,500 and 16,384; bf16 and fp32) over the rollout's row-block and tile choices
   and the two warp counts;
-* the CEM decision at PlaNet's settings with 4 and 8 warps.
+* the CEM decision at PlaNet's settings with 4 and 8 warps;
+* in every case, observe's forward loops and the step backward with ptxas's own register ceiling instead of 255
+  (``MAXNREG``).
 
     python -m benchmarks.tune --out DIR            # DIR/tune.json: one row per (case, variant), and a table
 
@@ -47,11 +49,13 @@ class Variant:
     rollout_tiles: tuple[int, int, int] | None = None
     observe_tiles: tuple[int, int] | None = None  # (BLOCK_N, BLOCK_K) of observe's two time loops
     feature_split: int | None = None  # observe's FEATURE_SPLIT: programs per row block of the forward loop
+    maxnreg: int | None = None  # MAXNREG of observe's forward loops and the step backward; 0: none (ptxas's own)
 
 
 def variants_for(case: str) -> list[Variant]:
     """The variants timed for a case kind ("observe", "imagine" or "cem"); the first is the current default."""
-    warps = [Variant(DEFAULT), Variant("warps4", num_warps_step=4), Variant("warps8", num_warps_step=8)]
+    warps = [Variant(DEFAULT), Variant("warps4", num_warps_step=4), Variant("warps8", num_warps_step=8),
+             Variant("ptxas-regs", maxnreg=0)]
     if case == "observe":
         return warps + [Variant(f"loop{n}x{k}-w{w}", num_warps_step=w, observe_tiles=(n, k))
                         for n, k in ((64, 32), (32, 32), (32, 16)) for w in (4, 8)] + \
@@ -70,14 +74,18 @@ def _launch_config(v: Variant) -> Iterator[None]:
     from fastwm.kernels import observe, rollout, rssm
 
     saved = [(m, "NUM_WARPS_STEP", m.NUM_WARPS_STEP) for m in (rssm, observe, rollout)]
+    saved += [(m, "MAXNREG", m.MAXNREG) for m in (rssm, observe)]
     saved += [(rollout, "_rollout_tiles", rollout._rollout_tiles), (observe, "LOOP_BLOCK_N", observe.LOOP_BLOCK_N),
               (observe, "LOOP_BLOCK_K", observe.LOOP_BLOCK_K), (observe, "FEATURE_SPLIT", observe.FEATURE_SPLIT)]
     try:
         if v.num_warps_step is not None:
             for m, _, _ in saved[:3]:
                 m.NUM_WARPS_STEP = v.num_warps_step
+        if v.maxnreg is not None:
+            for m, _, _ in saved[3:5]:
+                m.MAXNREG = v.maxnreg or None
         if v.rollout_tiles is not None:
-            rollout._rollout_tiles = lambda n, device, closed_loop, t=v.rollout_tiles: t
+            rollout._rollout_tiles = lambda *args, t=v.rollout_tiles: t
         if v.observe_tiles is not None:
             observe.LOOP_BLOCK_N, observe.LOOP_BLOCK_K = v.observe_tiles
         if v.feature_split is not None:
@@ -155,7 +163,7 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool =
             ratio = base / median if base else None
             rows.append({**fields, "case": name, "variant": v.name, "num_warps_step": v.num_warps_step,
                          "rollout_tiles": v.rollout_tiles, "observe_tiles": v.observe_tiles,
-                         "feature_split": v.feature_split, "median_ms": median,
+                         "feature_split": v.feature_split, "maxnreg": v.maxnreg, "median_ms": median,
                          "p20_ms": p20, "p80_ms": p80,
                          "speedup_vs_default": ratio})
             print(f"{name:48s} {v.name:22s} {median:10.4f} ms  x{ratio:.3f} vs default" if ratio else

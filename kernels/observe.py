@@ -39,6 +39,7 @@ from .rssm import (
     BLOCK_K,
     BLOCK_M,
     BLOCK_N,
+    MAXNREG,
     NUM_WARPS,
     NUM_WARPS_STEP,
     _block_s,
@@ -75,7 +76,8 @@ __all__ = ["observe_fwd", "observe_bwd", "N_SAVED"]
 # The product tiles of the two time loops. Compiled for sm_90 (benchmarks.aot, 8 warps), the module's 64 x 32 tiles
 # left the backward loop with 1.6-2 KB of stack per thread (spilled registers, read and written every step) at
 # PlaNet's sizes in fp32 (30/200/200, GRU and LayerNorm GRU) and 416 bytes in bf16; 32 x 16 tiles compile both
-# loops with at most 48 bytes spilled at both sizes and dtypes, but the fp32 GRU forward at 32/512/512 (176). Not yet
+# loops with at most 48 bytes spilled at both sizes and dtypes, but the fp32 GRU forward at 32/512/512 (176, where
+# ptxas had capped it at 128 registers; none spilled with the register ceiling MAXNREG of kernels/rssm.py). Not yet
 # timed on a GPU: benchmarks.tune times both.
 LOOP_BLOCK_N, LOOP_BLOCK_K = 32, 16
 
@@ -809,7 +811,7 @@ def observe_fwd(
             HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_P1=b_p1 is not None,
             HAS_B_Q1=b_q1 is not None,
             COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N,
-            BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
+            BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP, maxnreg=MAXNREG,
         )
     # After the loop, over all T x B rows: the prior head, its sample and the KL.
     hs, zp, pm, ps, kl = outs[0], outs[1], outs[2], outs[3], outs[7]
@@ -867,7 +869,7 @@ def _observe_split_fwd(
         HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_Q1=b_q1 is not None,
         COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N,
         BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), BLOCK_S2=max(16, triton.next_power_of_2(2 * s)),
-        num_warps=NUM_WARPS_STEP, launch_cooperative_grid=True,
+        num_warps=NUM_WARPS_STEP, maxnreg=MAXNREG, launch_cooperative_grid=True,
     )
 
 

@@ -1,7 +1,7 @@
 """Whole-horizon imagination: H prior steps in ONE launch, no gradient.
 
-Each program owns ``BLOCK_M`` trajectories (16 to 128, by launch size: :func:`_rollout_tiles`) and runs the prior
-step (input layer, cell, prior head, std transform, sample) H times: the ``_prior_fwd`` helper of
+Each program owns ``BLOCK_M`` trajectories (16 to 128, by launch size and dtype: :func:`_rollout_tiles`) and runs the
+prior step (input layer, cell, prior head, std transform, sample) H times: the ``_prior_fwd`` helper of
 :mod:`fastwm.kernels.rssm`, the one the step kernels run. The state (h, z) lives in two small per-row ping-pong buffers
 that stay in L1/L2; the weights are read from L2 every step. Optional, also inside the loop:
 
@@ -186,23 +186,35 @@ def _rollout_kernel(
 # (BLOCK_M, BLOCK_N, BLOCK_K), biggest row block first. Each program reads every weight from L2 once per step for its
 # BLOCK_M rows, so a step does about BLOCK_M multiply-adds per weight read: at 16 rows the L2 bandwidth, not the tensor
 # cores, bounds a large imagination launch; bigger blocks lift that bound as long as the grid still covers every SM.
-# The tiles are those the sm_90 compile (benchmarks.aot, 32/512/512, 8 warps) shows without register spills in bf16
-# (fp32, whose products run on the FMA path, spills up to about 90 bytes per thread with any of them, 16 rows
-# included); the closed loop (a policy MLP in the loop) spills above 32 rows. 16 rows take 32 x 16 product tiles:
-# with the 64 x 32 of the step kernels, the bf16 LayerNorm-GRU rollout at PlaNet's sizes (30/200/200) kept 288-568
-# bytes per thread on the stack, with 32 x 16 0-192. Not yet timed on a GPU: benchmarks.tune times them.
+# The tiles are those the sm_90 compile (benchmarks.aot, 32/512/512, 8 warps) shows without register spills in bf16;
+# the closed loop (a policy MLP in the loop) spills above 32 rows. 16 rows take 32 x 16 product tiles: with the
+# 64 x 32 of the step kernels, the bf16 LayerNorm-GRU rollout at PlaNet's sizes (30/200/200) kept 288-568 bytes per
+# thread on the stack, with 32 x 16 0-192.
+# float32 (IEEE products) and float64 run their products on the FMA path, not the tensor cores, and stop at 32 rows:
+# there a 4-byte weight read feeds 32 multiply-adds (16 flops per byte), so the FMA units' peak (about 67 TFLOP/s fp32
+# on an H100, NVIDIA's figure) needs only about 4 TB/s of L2 reads, while the bigger row blocks spill heavily in fp32
+# (sm_90 stack per thread, open loop, imagination and return-only: GRU at 30/200/200 320-864 bytes at 64 and 128 rows
+# against 88-104 at 32; LayerNorm GRU there 1,104-1,992 against 496-544; at 32/512/512 64-112 against 32-64).
+# Not yet timed on a GPU: benchmarks.tune times the tiles.
 _OPEN_LOOP_TILES = ((128, 16, 16), (64, 32, 32), (32, 32, 32))
+_FMA_TILES = ((32, 32, 32),)
 _CLOSED_LOOP_TILES = ((32, 32, 32),)
 _SMALL_TILES = (16, 32, 16)
 
 
-def _rollout_tiles(n: int, device: torch.device, closed_loop: bool) -> tuple[int, int, int]:
+def _tile_candidates(closed_loop: bool, fma: bool) -> tuple[tuple[int, int, int], ...]:
+    """The tiles a GPU launch picks from when it has rows enough (biggest row block first); else ``_SMALL_TILES``.
+    ``fma``: float32 with IEEE products, or float64."""
+    return _CLOSED_LOOP_TILES if closed_loop else _FMA_TILES if fma else _OPEN_LOOP_TILES
+
+
+def _rollout_tiles(n: int, device: torch.device, closed_loop: bool, fma: bool = False) -> tuple[int, int, int]:
     """The row block and the product tiles of an n-row rollout: the biggest row block that still gives every SM a
     program, else 16 rows (tl.dot needs >= 16)."""
     if device.type != "cuda":
         return _SMALL_TILES
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    for tiles in _CLOSED_LOOP_TILES if closed_loop else _OPEN_LOOP_TILES:
+    for tiles in _tile_candidates(closed_loop, fma):
         if triton.cdiv(n, tiles[0]) >= sms:
             return tiles
     return _SMALL_TILES
@@ -265,7 +277,8 @@ def rollout_fwd(
     scratch = [buf((2, n, s)), buf((2, n, max(d, 1))), buf((n, hd)), buf((n,)), buf((n, hd)),
                buf((n, 3 * d)) if cell == 1 else x, buf((n,)), buf((n, hd)), buf((n,)), buf((n, hd)), buf((n, 2 * s)),
                buf((n, a_dim)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, 1))]
-    block_m, block_n, block_k = _rollout_tiles(n, z0.device, policy is not None)
+    fma = z0.dtype == torch.float64 or (z0.dtype == torch.float32 and _prec(z0.dtype, z0.device) == "ieee")
+    block_m, block_n, block_k = _rollout_tiles(n, z0.device, policy is not None, fma)
     _rollout_kernel[(triton.cdiv(n, block_m),)](
         z0, p(h0), p(actions), p(noise), p(seed),
         w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),

@@ -934,6 +934,18 @@ NUM_WARPS = 4  # the cell kernels and observe's launches over all T x B rows
 # thread (bf16 observe backward, rollout); 8 warps hold them at 200-255 registers with no more than 24. Not yet timed
 # on a GPU: the first GPU session should time 4 against 8.
 NUM_WARPS_STEP = 8
+# A register ceiling (Triton's ``maxnreg``, PTX ``.maxnreg``) for three of those 8-warp launches: observe's forward
+# loops (row split and feature split) and the step backward. Triton declares the block size (``.reqntid 256``) and
+# no ceiling; ptxas then sometimes aims for two programs per SM and caps a kernel at 128 registers, spilling what does
+# not fit. Compiled for sm_90 (benchmarks.aot, fp32 and bf16, both sizes, each variant with and without the ceiling):
+# with 255, the fp32 GRU observe forward loop at 32/512/512 goes from 128 registers and 208 bytes of stack (176
+# spilled, read and written every step) to 232 and none spilled, the fp32 step backwards at that size from 48 to
+# none, the feature-split forward at 30/200/200 from 88 to 40 bytes; no variant of these three spills more. Two
+# programs per SM buy nothing here: a training batch is one or two row blocks. Elsewhere the ceiling made ptxas spill
+# more (stack per thread: the fp32 rollout at its larger row blocks up to 528 bytes more; the GRU step forwards at
+# 30/200/200 from 32 to 88; the LayerNorm-GRU observe backward there from 144 to 200), so those launches keep ptxas's
+# own choice. None everywhere: benchmarks.tune times that variant (not yet timed on a GPU).
+MAXNREG: int | None = 255
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1067,7 +1079,7 @@ def step_bwd(
             NOISE_Q=1 if q_noise is not None else 2, NOISE_P=1 if p_noise is not None else 2,
             STD_MODE=std_mode, MIN_STD=float(min_std), UPDATE_BIAS=float(update_bias),
             COMPUTE=_compute_dtype(z.dtype), PREC=_prec(z.dtype, z.device), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
+            BLOCK_K=BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP, maxnreg=MAXNREG,
         )
     return (d_z, d_a, d_h, d_e, d_xpre, d_xv, d_x, d_c1, d_c2, d_hin, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv)
 
