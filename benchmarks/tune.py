@@ -63,7 +63,7 @@ def variants_for(case: str) -> list[Variant]:
              for p, n in ((8, 32), (16, 32), (16, 16), (32, 16))]
     if case != "imagine":
         return warps
-    tiles = [(16, 64, 32), (32, 32, 32), (64, 32, 32), (128, 16, 16)]
+    tiles = [(16, 64, 32), (32, 16, 16), (32, 32, 32), (64, 32, 32), (128, 16, 16)]
     return warps + [Variant(f"tiles{m}x{n}x{k}-w{w}", num_warps_step=w, rollout_tiles=(m, n, k))
                     for m, n, k in tiles for w in (4, 8)]
 

@@ -190,14 +190,16 @@ def _rollout_kernel(
 # the closed loop (a policy MLP in the loop) spills above 32 rows. 16 rows take 32 x 16 product tiles: with the
 # 64 x 32 of the step kernels, the bf16 LayerNorm-GRU rollout at PlaNet's sizes (30/200/200) kept 288-568 bytes per
 # thread on the stack, with 32 x 16 0-192.
-# float32 (IEEE products) and float64 run their products on the FMA path, not the tensor cores, and stop at 32 rows:
-# there a 4-byte weight read feeds 32 multiply-adds (16 flops per byte), so the FMA units' peak (about 67 TFLOP/s fp32
-# on an H100, NVIDIA's figure) needs only about 4 TB/s of L2 reads, while the bigger row blocks spill heavily in fp32
-# (sm_90 stack per thread, open loop, imagination and return-only: GRU at 30/200/200 320-864 bytes at 64 and 128 rows
-# against 88-104 at 32; LayerNorm GRU there 1,104-1,992 against 496-544; at 32/512/512 64-112 against 32-64).
+# float32 (IEEE products) and float64 run their products on the FMA path, not the tensor cores, and stop at 32 rows
+# with 16 x 16 product tiles: there a 4-byte weight read feeds 32 multiply-adds (16 flops per byte), so the FMA units'
+# peak (about 67 TFLOP/s fp32 on an H100, NVIDIA's figure) needs only about 4 TB/s of L2 reads, while the bigger row
+# blocks spill heavily in fp32. sm_90 stack per thread, fp32, open loop (imagination, and the planners' return-only
+# launch): with the bf16 tiles, GRU at 30/200/200 320-864 bytes at 64 and 128 rows and 88-104 at 32 x 32 x 32;
+# LayerNorm GRU there 1,104-1,992 and 496-544; at 32/512/512 64-112 and 32-64. 32 x 16 x 16 compiles without spills
+# at both sizes for every cell kind but the LayerNorm GRU at 30/200/200 (104-184 bytes).
 # Not yet timed on a GPU: benchmarks.tune times the tiles.
 _OPEN_LOOP_TILES = ((128, 16, 16), (64, 32, 32), (32, 32, 32))
-_FMA_TILES = ((32, 32, 32),)
+_FMA_TILES = ((32, 16, 16),)
 _CLOSED_LOOP_TILES = ((32, 32, 32),)
 _SMALL_TILES = (16, 32, 16)
 
