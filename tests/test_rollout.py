@@ -68,7 +68,8 @@ def test_open_loop_matches_reference(device, dtype, cfg, poison):
         assert_close(a, e, dtype, f"imagine.{name}")
 
 
-@pytest.mark.parametrize("tiles", [(32, 32, 32), (64, 32, 32), (128, 16, 16)], ids=["32", "64", "128"])
+@pytest.mark.parametrize("tiles", [(32, 16, 16), (32, 32, 32), (64, 32, 32), (128, 16, 16)],
+                         ids=["32x16", "32", "64", "128"])
 def test_bigger_row_blocks_match_reference(device, tiles, monkeypatch):
     # Large launches take bigger row blocks (fewer L2 reads of the weights per row): the same results, partial
     # last block included.
