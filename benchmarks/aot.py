@@ -144,7 +144,7 @@ def _rollout_tiles(open_loop: tuple[int, int, int], closed_loop: tuple[int, int,
     from fastwm.kernels import rollout
 
     saved = rollout._rollout_tiles
-    rollout._rollout_tiles = lambda n, device, closed, fma=False: closed_loop if closed else open_loop
+    rollout._rollout_tiles = lambda n, device, closed, narrow=False: closed_loop if closed else open_loop
     try:
         yield
     finally:
@@ -219,10 +219,10 @@ def _scenarios(dtypes: tuple[str, ...], cells: tuple[str, ...],
                               stochastic=False)(m.initial(2))
             # the row blocks and tiles a GPU picks for launches over thousands of starts (this dtype's): imagination
             # with features, the planners' return-only rollout, and the closed loop
-            from fastwm.kernels.rollout import _tile_candidates
+            from fastwm.kernels.rollout import _narrow, _tile_candidates
 
-            opened = _tile_candidates(False, fma=dt in (torch.float32, torch.float64))
-            closed = _tile_candidates(True, fma=dt in (torch.float32, torch.float64))
+            narrow = _narrow(dt, torch.device("cuda"), deter, hidden)
+            opened, closed = _tile_candidates(False, narrow), _tile_candidates(True, narrow)
             for i, tiles in enumerate(opened):
                 with _rollout_tiles(tiles, closed[min(i, len(closed) - 1)]):
                     m.imagine(torch.randn(b, 4, 6, dtype=dt), state)

@@ -197,6 +197,9 @@ def _rollout_kernel(
 # launch): with the bf16 tiles, GRU at 30/200/200 320-864 bytes at 64 and 128 rows and 88-104 at 32 x 32 x 32;
 # LayerNorm GRU there 1,104-1,992 and 496-544; at 32/512/512 64-112 and 32-64. 32 x 16 x 16 compiles without spills
 # at both sizes for every cell kind but the LayerNorm GRU at 30/200/200 (104-184 bytes).
+# bf16 / fp16 take the same tiles where deter or hidden is not a multiple of 64: at 30/200/200 the 64- and 128-row
+# blocks spill 328-1,880 bytes per thread (GRU 720-1,224, LayerNorm GRU 1,144-1,880), 32 x 32 x 32 144-488 (GRU,
+# LayerNorm GRU), 32 x 16 x 16 none (GRU, no cell) or 88-104 (LayerNorm GRU). Only 200 and 512 were compiled.
 # Not yet timed on a GPU: benchmarks.tune times the tiles.
 _OPEN_LOOP_TILES = ((128, 16, 16), (64, 32, 32), (32, 32, 32))
 _FMA_TILES = ((32, 16, 16),)
@@ -204,19 +207,26 @@ _CLOSED_LOOP_TILES = ((32, 32, 32),)
 _SMALL_TILES = (16, 32, 16)
 
 
-def _tile_candidates(closed_loop: bool, fma: bool) -> tuple[tuple[int, int, int], ...]:
+def _tile_candidates(closed_loop: bool, narrow: bool) -> tuple[tuple[int, int, int], ...]:
     """The tiles a GPU launch picks from when it has rows enough (biggest row block first); else ``_SMALL_TILES``.
-    ``fma``: float32 with IEEE products, or float64."""
-    return _CLOSED_LOOP_TILES if closed_loop else _FMA_TILES if fma else _OPEN_LOOP_TILES
+    ``narrow``: at most 32 rows (see :func:`_narrow`)."""
+    return _CLOSED_LOOP_TILES if closed_loop else _FMA_TILES if narrow else _OPEN_LOOP_TILES
 
 
-def _rollout_tiles(n: int, device: torch.device, closed_loop: bool, fma: bool = False) -> tuple[int, int, int]:
+def _narrow(dtype: torch.dtype, device: torch.device, d: int, hd: int) -> bool:
+    """Whether a rollout stops at 32-row blocks: float32 with IEEE products and float64 (the FMA path), or a deter
+    or hidden width that is not a multiple of 64 (see the comment above)."""
+    fma = dtype == torch.float64 or (dtype == torch.float32 and _prec(dtype, device) == "ieee")
+    return fma or d % 64 != 0 or hd % 64 != 0
+
+
+def _rollout_tiles(n: int, device: torch.device, closed_loop: bool, narrow: bool = False) -> tuple[int, int, int]:
     """The row block and the product tiles of an n-row rollout: the biggest row block that still gives every SM a
     program, else 16 rows (tl.dot needs >= 16)."""
     if device.type != "cuda":
         return _SMALL_TILES
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    for tiles in _tile_candidates(closed_loop, fma):
+    for tiles in _tile_candidates(closed_loop, narrow):
         if triton.cdiv(n, tiles[0]) >= sms:
             return tiles
     return _SMALL_TILES
@@ -279,8 +289,8 @@ def rollout_fwd(
     scratch = [buf((2, n, s)), buf((2, n, max(d, 1))), buf((n, hd)), buf((n,)), buf((n, hd)),
                buf((n, 3 * d)) if cell == 1 else x, buf((n,)), buf((n, hd)), buf((n,)), buf((n, hd)), buf((n, 2 * s)),
                buf((n, a_dim)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, 1))]
-    fma = z0.dtype == torch.float64 or (z0.dtype == torch.float32 and _prec(z0.dtype, z0.device) == "ieee")
-    block_m, block_n, block_k = _rollout_tiles(n, z0.device, policy is not None, fma)
+    narrow = _narrow(z0.dtype, z0.device, d, hd)
+    block_m, block_n, block_k = _rollout_tiles(n, z0.device, policy is not None, narrow)
     _rollout_kernel[(triton.cdiv(n, block_m),)](
         z0, p(h0), p(actions), p(noise), p(seed),
         w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),

@@ -75,7 +75,7 @@ def test_bigger_row_blocks_match_reference(device, tiles, monkeypatch):
     # last block included.
     import fastwm.kernels.rollout as kernels
 
-    monkeypatch.setattr(kernels, "_rollout_tiles", lambda n, device, closed_loop, fma=False: tiles)
+    monkeypatch.setattr(kernels, "_rollout_tiles", lambda n, device, closed_loop, narrow=False: tiles)
     block_m = tiles[0]
     dtype = torch.float32
     m = _model(device, dtype, cell="layernorm_gru", norm=True)
