@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# A lent GPU now comes with 15 minutes of device time in all, its start included: there, run the whole session as
+# ONE command, `FASTWM_COMMIT=<sha> python3 -m benchmarks.session --out "$OUT"` (benchmarks/session.py: the tests,
+# the feature split and the compilation in parallel, then the timings, under a 540 s deadline; timeout_s 600).
+# The parts below are for a longer lease, one part per command.
+#
 # The GPU session's runbook: each part fits one 10-minute command on a lent GPU machine (torch, triton, numpy,
 # pytest, pytest-xdist, matplotlib there; no registry). Results land under $OUT (default gpu_out/): copy them into
 # benchmarks/results/ with the commit they were run at.

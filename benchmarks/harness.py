@@ -76,6 +76,7 @@ _ROLLOUT_MODES = ("fwd",)  # imagination and planning run without gradients
 GOAL_VS_EAGER = 20.0  # rollout goal: fastwm at least 20x eager,
 GOAL_VS_BEST_BASELINE = 3.0  # 3x the best of compiled / graphed,
 GOAL_FRAC_FLOOR = 0.5  # and at half the compute floor or better
+NOTHING_TO_WARM = ("eager", "graphed")  # providers with no kernel to compile: --warm-only skips them
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 Timing = tuple[float, float, float]  # (median, p20, p80) in milliseconds
@@ -176,6 +177,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rssm and rollout: comma list of torch.compile modes for the compiled provider: "
         f"{', '.join(bench_rssm.COMPILE_MODES)} (default: max-autotune-no-cudagraphs; "
         "the cpu always compiles in the default mode)",
+    )
+    parser.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="compile, do not time: build each case and call it once (forward, and backward for fwd_bwd) so that "
+        "Triton's and Inductor's on-disk caches hold its kernels; no rows, no files (what a GPU session runs in "
+        "parallel processes before timing: see benchmarks/session.py)",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="with --warm-only: I/N, this process warms cases I, I + N, I + 2N, ... of the run's case list "
+        "(default: 0/1, all of them)",
     )
     parser.add_argument(
         "--tf32",
@@ -512,6 +526,36 @@ class _RSSMPlan:
     tf32: bool
 
 
+@dataclass
+class _Warm:
+    """--warm-only: this process's share of the cases (``index`` of ``count`` shards, dealt round-robin in run
+    order) and how many of them it has warmed."""
+
+    index: int = 0
+    count: int = 1
+    seen: int = 0
+    warmed: int = 0
+
+    def take(self) -> bool:
+        """Whether the next case in run order is this shard's."""
+        mine = self.seen % self.count == self.index
+        self.seen += 1
+        return mine
+
+
+def parse_shard(value: str | None) -> _Warm:
+    """``"I/N"`` (0 <= I < N) -> a :class:`_Warm` for shard I of N; None -> all cases."""
+    if value is None:
+        return _Warm()
+    try:
+        index, count = (int(v) for v in value.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard takes I/N with 0 <= I < N; got {value!r}")
+    return _Warm(index, count)
+
+
 def _plans(
     args: argparse.Namespace, device: torch.device, quick: bool
 ) -> tuple[_GaussianPlan | None, _RSSMPlan | None, _RolloutPlan | None, list[str]]:
@@ -601,6 +645,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             raise ValueError("--device cuda, but torch.cuda.is_available() is False")
         quick = bool(args.quick) or device.type == "cpu"
         gaussian, rssm, rollout, suite_notes = _plans(args, device, quick)
+        if getattr(args, "shard", None) is not None and not getattr(args, "warm_only", False):
+            raise ValueError("--shard goes with --warm-only")
+        warm = parse_shard(getattr(args, "shard", None)) if getattr(args, "warm_only", False) else None
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -618,15 +665,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     }
     status = 0
     if gaussian is not None:
-        status = max(status, _run_gaussian(gaussian, args.out, device, quick, meta))
+        status = max(status, _run_gaussian(gaussian, args.out, device, quick, meta, warm))
     if rssm is not None:
         if gaussian is not None:
             print()
-        status = max(status, _run_rssm(rssm, args.out, device, quick, meta))
+        status = max(status, _run_rssm(rssm, args.out, device, quick, meta, warm))
     if rollout is not None:
         if gaussian is not None or rssm is not None:
             print()
-        status = max(status, _run_rollout(rollout, args.out, device, quick, meta))
+        status = max(status, _run_rollout(rollout, args.out, device, quick, meta, warm))
     return status
 
 
@@ -642,11 +689,11 @@ def _default_providers(
 
 
 def _guarded_case(name: str, device: torch.device, notes: list[str], run: Callable[..., dict | None],
-                  *args: Any) -> tuple[dict | None, bool]:
+                  *args: Any, **kwargs: Any) -> tuple[dict | None, bool]:
     """Run one benchmark case, ``run(*args)``: (its row, False); (None, False) when the device ran out of memory;
     (None, True) when it failed. Either way the failure is noted and the run goes on, with the memory released."""
     try:
-        return run(*args), False
+        return run(*args, **kwargs), False
     except torch.OutOfMemoryError:
         notes.append(f"{name} skipped: out of device memory")
         return None, False
@@ -661,11 +708,21 @@ def _guarded_case(name: str, device: torch.device, notes: list[str], run: Callab
 
 def _keep_case(rows: list[dict[str, Any]], name: str, progress: Callable[[dict[str, Any]], str],
                device: torch.device, notes: list[str], meta: dict[str, Any], run: Callable[..., dict | None],
-               *args: Any, partial: Path | None = None) -> bool:
+               *args: Any, partial: Path | None = None, warm: _Warm | None = None, provider: str = "") -> bool:
     """Run one case through :func:`_guarded_case`; keep its row, with the run-wide fields ``meta``, and print a
     progress line (``name: progress(row)``). With ``partial``, every row so far is rewritten there after each case
     (all their fields), so a run killed at a time limit keeps what it measured; :func:`_write_rows` removes it once
-    the suite's file is written. True when the case failed."""
+    the suite's file is written. With ``warm``, only this shard's cases run, each called once and not timed
+    (``run(..., warm_only=True)`` returns no row), and none of a ``provider`` that compiles nothing (eager, graphed:
+    left out of the deal too, so that the shards share out the compiling cases evenly). True when the case failed."""
+    if warm is not None:
+        if provider in NOTHING_TO_WARM or not warm.take():
+            return False
+        start = time.perf_counter()
+        _, failed = _guarded_case(name, device, notes, run, *args, warm_only=True)
+        warm.warmed += not failed
+        _progress(f"{name}: {'FAILED' if failed else 'warmed'} in {time.perf_counter() - start:.1f} s")
+        return failed
     row, failed = _guarded_case(name, device, notes, run, *args)
     if row is not None:
         row.update(meta)
@@ -715,6 +772,14 @@ def _print_summary_and_notes(summary: str | None, notes: list[str]) -> None:
         print(f"note: {note}")
 
 
+def _warm_done(suite: str, warm: _Warm, notes: list[str], failures: int) -> int:
+    """The end of a --warm-only suite: one line and the notes (failures among them); 0, or 1 when a case failed."""
+    print(f"{suite}: warmed {warm.warmed} cases (shard {warm.index}/{warm.count}, {warm.seen} in the run so far), "
+          f"{failures} failed")
+    _print_summary_and_notes(None, notes)
+    return 1 if failures else 0
+
+
 def _write_rows(rows: list[dict[str, Any]], out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
@@ -723,11 +788,13 @@ def _write_rows(rows: list[dict[str, Any]], out: Path, name: str) -> None:
     print(f"wrote {len(rows)} rows to {path}")
 
 
-def _run_gaussian(plan: _GaussianPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any]) -> int:
-    """The Gaussian suite: table, notes and DIR/bench_gaussian.json; 0, or 1 when a case failed."""
+def _run_gaussian(plan: _GaussianPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any],
+                  warm: _Warm | None = None) -> int:
+    """The Gaussian suite: table, notes and DIR/bench_gaussian.json; 0, or 1 when a case failed. With ``warm``, only
+    this shard's cases, compiled and not timed, and no file."""
     notes: list[str] = []
     providers = _default_providers(plan.providers, PROVIDERS, device, notes)
-    copy_gbps = copy_bandwidth_gbps(device, quick)
+    copy_gbps = float("nan") if warm is not None else copy_bandwidth_gbps(device, quick)
     _progress(f"device {meta['device']} ({device}), copy bandwidth {copy_gbps:.1f} GB/s, quick={quick}")
 
     rows: list[dict[str, Any]] = []
@@ -749,8 +816,11 @@ def _run_gaussian(plan: _GaussianPlan, out: Path, device: torch.device, quick: b
                             name = case_id(op, mode, provider, n_rows, s, dtype)
                             failures += _keep_case(rows, name, _gaussian_progress, device, notes, run_meta,
                                                    _run_case, op, mode, provider, n_rows, s, dtype, device, quick,
-                                                   partial=_partial_path(out, JSON_NAME))
+                                                   partial=_partial_path(out, JSON_NAME), warm=warm,
+                                                   provider=provider)
 
+    if warm is not None:
+        return _warm_done("gaussian", warm, notes, failures)
     for r in rows:
         r["frac_copy_bw"] = r["gbps"] / copy_gbps
     _speedups(rows)
@@ -787,12 +857,16 @@ def _ordered(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_case(
-    op: str, mode: str, provider: str, n_rows: int, s: int, dtype: torch.dtype, device: torch.device, quick: bool
-) -> dict[str, Any]:
-    """Build, warm up (compiles and JITs), measure peak memory and time one case; the row without run-wide fields."""
+    op: str, mode: str, provider: str, n_rows: int, s: int, dtype: torch.dtype, device: torch.device, quick: bool,
+    warm_only: bool = False,
+) -> dict[str, Any] | None:
+    """Build, warm up (compiles and JITs), measure peak memory and time one case; the row without run-wide fields
+    (``warm_only``: None after the warm-up)."""
     case = build_case(op, mode, provider, n_rows, s, dtype, device)
     case.fn()
     _sync(device)
+    if warm_only:
+        return None
     peak = _peak_mem_mb(case.fn, device)
     median, p20, p80 = time_fn(case.fn, device, quick)
     return {
@@ -916,8 +990,10 @@ def _note_unavailable(providers: Sequence[str], unavailable: Callable[..., str |
             notes.append(f"{provider} skipped ({dtype_name}): {reason}")
 
 
-def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any]) -> int:
-    """The RSSM suite: table, notes and DIR/bench_rssm.json; 0, or 1 when a case failed."""
+def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any],
+              warm: _Warm | None = None) -> int:
+    """The RSSM suite: table, notes and DIR/bench_rssm.json; 0, or 1 when a case failed. With ``warm``, only this
+    shard's cases, compiled and not timed, and no file."""
     notes: list[str] = []
     providers = _default_providers(plan.providers, bench_rssm.PROVIDERS, device, notes)
     if "observe" in plan.benchmarks:
@@ -953,8 +1029,11 @@ def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, met
                             name = bench_rssm.case_id(benchmark, mode, provider, size, dtype, compile_mode)
                             failures += _keep_case(rows, name, _rssm_progress, device, notes, meta, _run_rssm_case,
                                                    benchmark, mode, provider, size, dtype, device, quick, compile_mode,
-                                                   partial=_partial_path(out, RSSM_JSON_NAME))
+                                                   partial=_partial_path(out, RSSM_JSON_NAME), warm=warm,
+                                                   provider=provider)
 
+    if warm is not None:
+        return _warm_done("rssm", warm, notes, failures)
     _rssm_speedups(rows)
     rows = [{k: r[k] for k in _RSSM_ROW_KEYS} for r in rows]
     print_rssm_table(rows, device.type)
@@ -972,13 +1051,16 @@ def _run_rssm_case(
     device: torch.device,
     quick: bool,
     compile_mode: str | None,
-) -> dict[str, Any]:
+    warm_only: bool = False,
+) -> dict[str, Any] | None:
     """Build (the graphed provider captures here), warm up (compiles), measure peak memory and time one RSSM case;
-    the row without run-wide fields."""
+    the row without run-wide fields (``warm_only``: None after the warm-up)."""
     kwargs = {} if compile_mode is None else {"compile_mode": compile_mode}
     case = bench_rssm.build_case(benchmark, mode, provider, size, dtype, device, **kwargs)
     case.fn()
     _sync(device)
+    if warm_only:
+        return None
     peak = case.peak_mem_mb if case.peak_mem_mb is not None else _peak_mem_mb(case.fn, device)
     median, p20, p80 = time_fn(case.fn, device, quick, min_reps=RSSM_MIN_REPS)
     steps = bench_rssm.steps_per_call(size, benchmark)
@@ -1169,9 +1251,10 @@ def _rollout_cases(
     return cases
 
 
-def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any]) -> int:
+def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: bool, meta: dict[str, Any],
+                 warm: _Warm | None = None) -> int:
     """The rollout suite: table, notes, DIR/bench_rollout.json and DIR/rollout_throughput.png; 0, or 1 when a case
-    failed."""
+    failed. With ``warm``, only this shard's cases, compiled and not timed, and no file."""
     notes: list[str] = []
     providers = _default_providers(plan.providers, bench_rollout.PROVIDERS, device, notes)
     if "cem_decision" in plan.benchmarks:
@@ -1194,8 +1277,11 @@ def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: boo
             _note_unavailable(providers, unavailable, device, dtype, dtype_name, skipped_reasons, notes)
             for case in _rollout_cases(plan, providers, device, dtype, notes):
                 failures += _keep_case(rows, case["name"], _rollout_progress, device, notes, meta, _run_rollout_case,
-                                       case, plan, dtype, device, quick, partial=_partial_path(out, ROLLOUT_JSON_NAME))
+                                       case, plan, dtype, device, quick, partial=_partial_path(out, ROLLOUT_JSON_NAME),
+                                       warm=warm, provider=case["provider"])
 
+    if warm is not None:
+        return _warm_done("rollout", warm, notes, failures)
     _rollout_speedups(rows)
     rows = [{k: r[k] for k in _ROLLOUT_ROW_KEYS} for r in rows]
     print_rollout_table(rows, device.type)
@@ -1220,10 +1306,11 @@ def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: boo
 
 
 def _run_rollout_case(
-    case: dict[str, Any], plan: _RolloutPlan, dtype: torch.dtype, device: torch.device, quick: bool
-) -> dict[str, Any]:
+    case: dict[str, Any], plan: _RolloutPlan, dtype: torch.dtype, device: torch.device, quick: bool,
+    warm_only: bool = False,
+) -> dict[str, Any] | None:
     """Build (the graphed provider captures here), warm up (compiles), measure peak memory and time one rollout case;
-    the row without run-wide fields."""
+    the row without run-wide fields (``warm_only``: None after the warm-up)."""
     benchmark, provider, size, cem = case["benchmark"], case["provider"], case["size"], case["cem"]
     if benchmark == "cem_decision":
         built = bench_rollout.build_cem_case(provider, size, cem, dtype, device, reward_hidden=plan.reward_hidden)
@@ -1234,6 +1321,8 @@ def _run_rollout_case(
         )
     built.fn()
     _sync(device)
+    if warm_only:
+        return None
     peak = built.peak_mem_mb if built.peak_mem_mb is not None else _peak_mem_mb(built.fn, device)
     median, p20, p80 = time_fn(built.fn, device, quick, min_reps=RSSM_MIN_REPS)
     n_row_steps = bench_rollout.row_steps(benchmark, built.n, built.horizon, cem)

@@ -34,9 +34,12 @@ from typing import Any
 
 import torch
 
+from .harness import _Warm
+
 __all__ = ["Variant", "variants_for", "main"]
 
 DEFAULT = "default"
+KINDS = ("observe", "imagine", "cem")
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,24 @@ def _cases(device: torch.device, quick: bool) -> Iterator[tuple[str, str, dict[s
            lambda: bench_rollout.build_cem_case("fastwm", size, settings, torch.float32, device).fn)
 
 
-def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool = True) -> list[dict[str, Any]]:
-    """Time every variant of every case (without ``split``, none of the feature-split ones); rows carry median /
-    p20 / p80 ms and the ratio to the default's median."""
+def _chosen(v: Variant, split: bool, prefixes: tuple[str, ...] | None) -> bool:
+    """Whether variant ``v`` runs: no feature split without ``split``; with ``prefixes``, only the variants whose
+    names start with one of them."""
+    if v.feature_split and not split:
+        return False
+    return prefixes is None or v.name.startswith(prefixes)
+
+
+def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool = True,
+        warm: _Warm | None = None, partial: Path | None = None,
+        prefixes: tuple[str, ...] | None = None, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Time every variant of every case (without ``split``, none of the feature-split ones; with ``prefixes``, those
+    whose names start with one of them, the default always included when timing: the ratios are to it); rows carry
+    median / p20 / p80 ms and the ratio to the default's median. With ``warm``, only that shard's (case, variant)
+    pairs, each compiled and run once, not timed: no rows. With ``partial``, the rows so far, with the run-wide
+    fields ``meta``, are rewritten there after each variant (a run stopped at a time limit keeps them)."""
+    if prefixes is not None and warm is None:
+        prefixes = (DEFAULT, *prefixes)
     import fastwm
 
     from .harness import _sync, time_fn
@@ -140,13 +158,19 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool =
             continue
         base = None
         for v in variants_for(kind):
-            if v.feature_split and not split:
+            if not _chosen(v, split, prefixes):
+                continue
+            if warm is not None and not warm.take():
                 continue
             with _launch_config(v), fastwm.backend("triton"):
                 try:
                     fn = build()
                     fn()  # compile and warm up outside the timing
                     _sync(device)
+                    if warm is not None:
+                        warm.warmed += 1
+                        print(f"{name:48s} {v.name:22s} warmed", flush=True)
+                        continue
                     median, p20, p80 = time_fn(fn, device, quick)
                 except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the others go on
                     print(f"{name:48s} {v.name:22s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
@@ -168,31 +192,80 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool =
                          "speedup_vs_default": ratio})
             print(f"{name:48s} {v.name:22s} {median:10.4f} ms  x{ratio:.3f} vs default" if ratio else
                   f"{name:48s} {v.name:22s} {median:10.4f} ms", flush=True)
+            if partial is not None:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps([{**r, **(meta or {})} for r in rows], indent=1, default=str) + "\n")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.tune``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tune_out", help="output folder (DIR/tune.json)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--kinds", default="observe,imagine,cem", help="comma list of observe, imagine, cem")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (always on the CPU)")
     parser.add_argument("--no-split", action="store_true", help="leave out observe's feature-split variants")
+    parser.add_argument("--variants", default=None,
+                        help="comma list of variant-name prefixes (e.g. warps,split): only those variants run, and "
+                        "the default, when timing (default: all)")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="compile, do not time: run each (case, variant) once so that Triton's cache holds its "
+                        "kernels; no rows, no file (a GPU session runs this in parallel processes first)")
+    parser.add_argument("--shard", default=None, help="with --warm-only: I/N, this process's share of the "
+                        "(case, variant) pairs, dealt round-robin (default: 0/1, all)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...] | None, _Warm | None]:
+    """(kinds, variant-name prefixes or None, the warm shard or None) from parsed arguments; ValueError naming the
+    option when one is off."""
+    from .harness import parse_shard
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"--kinds takes a comma list of {', '.join(KINDS)}; got {args.kinds!r}")
+    if args.shard is not None and not args.warm_only:
+        raise ValueError("--shard goes with --warm-only")
+    prefixes = None
+    if args.variants is not None:
+        prefixes = tuple(p.strip() for p in args.variants.split(",") if p.strip())
+        known = [v.name for k in kinds for v in variants_for(k)]
+        if not prefixes or any(not any(n.startswith(p) for n in known) for p in prefixes):
+            raise ValueError(f"--variants takes a comma list of prefixes of {', '.join(dict.fromkeys(known))}; "
+                             f"got {args.variants!r}")
+    warm = parse_shard(args.shard) if args.warm_only else None
+    return kinds, prefixes, warm
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick = args.quick or device.type == "cpu"
+    try:
+        kinds, prefixes, warm = check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     from .harness import _device_name, _git_commit, _triton_version
+
+    if warm is not None:
+        rows = run(device, quick, kinds, split=not args.no_split, warm=warm, prefixes=prefixes)
+        print(f"tune: warmed {warm.warmed} (case, variant) pairs (shard {warm.index}/{warm.count} of {warm.seen})")
+        return 1 if rows else 0  # in warm mode the rows are the failures
 
     meta = {"device": _device_name(device), "torch": torch.__version__, "triton": _triton_version(),
             "commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "quick": quick}
     print(f"tune on {meta['device']} ({device}), quick={quick}")
-    rows = run(device, quick, tuple(args.kinds.split(",")), split=not args.no_split)
     out = Path(args.out)
+    partial = out / "tune.partial.json"
+    rows = run(device, quick, kinds, split=not args.no_split, partial=partial, prefixes=prefixes, meta=meta)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.json").write_text(json.dumps([{**r, **meta} for r in rows], indent=1) + "\n")
+    partial.unlink(missing_ok=True)
     print(f"wrote {len(rows)} rows to {out / 'tune.json'}")
     return 1 if any("error" in r for r in rows) else 0
 

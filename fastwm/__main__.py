@@ -7,7 +7,8 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the ``demo`` and ``bench`` subcommands with their options."""
     parser = argparse.ArgumentParser(prog="python -m fastwm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job: train a world model on a gymnasium environment, imagine, plan",
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
 
     demo_arguments(demo)
     bench_arguments(bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         from .demo import run_from_args
     else:
