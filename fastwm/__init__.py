@@ -20,6 +20,7 @@ from .cells import gru_cell, layernorm_gru_cell
 from .rssm import RSSM, LayerNormGRUCell, State
 from .planning import CEMPlanner, MPPIPlanner
 from .elbo import ELBOTerms, SequenceELBO, gaussian_log_prob, sequence_elbo
+from .overshooting import latent_overshooting_kl
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "gru_cell",
     "layernorm_gru_cell",
     "kl_loss",
+    "latent_overshooting_kl",
     "reference",
     "set_backend",
     "sequence_elbo",

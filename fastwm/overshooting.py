@@ -1,0 +1,176 @@
+"""Latent overshooting (PlaNet): the KL between the posterior and the prior rolled open loop several steps ahead.
+
+The ELBO's KL term compares the posterior q(z_t | o_<=t) with the one-step prior p(z_t | z_{t-1}, a_{t-1}). PlaNet's
+latent overshooting adds the same comparison for priors predicted d > 1 steps ahead with no observation in between,
+so that multi-step imagination is trained too (Hafner et al. 2019, section 4; google-research/planet's
+``tools/overshooting.py`` and ``training/define_model.py``)::
+
+    L_os = mean over d in 2..D and the batch of  mean over t of  max(free, KL(sg(q_t) || p_d(z_t)))
+
+where p_d(z_t) starts from the state before step t - d + 1 (the posterior at t - d, or the initial state at a
+sequence's start) and applies the prior step d times with the actions a_{t-d+1}, ..., a_t, sampling each step's
+latent from its prior. ``sg`` stops the gradient into the target posterior (PlaNet's ``stop_os_posterior_gradient``,
+on by default there); the start of each open-loop rollout keeps its gradient, so the overshooting term trains the
+posterior that begins it as well as the prior steps. Free nats apply to each (t, d) term before the means, as in
+PlaNet. The d = 1 term is the ELBO's own KL and is not included: add ``scale * latent_overshooting_kl(...)`` to
+the sequence ELBO's loss (PlaNet scales the overshooting divergence like the one-step one, 1.0 by default).
+
+Counting: PlaNet's ``overshooting`` setting D' predicts 2 to D' + 1 steps ahead, so ``distance = D' + 1`` here. A
+rollout that would cross the end of the sequence or a reset (``is_first``) is left out, and each (sequence, d) pair is
+the mean over its valid t. PlaNet fills its masked terms with the free-nats floor before dividing by the number of
+valid ones, which shifts its value (not its gradient) by a constant; fastwm takes the mean over the valid terms only.
+
+All B x T open-loop rollouts run as one batch through :meth:`fastwm.RSSM.imagine`: on the Triton backend each of the
+D steps is one fused prior-step kernel over B * T rows, forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validation import check_float
+from .gaussian import gaussian_kl
+from .rssm import RSSM, State
+
+__all__ = ["latent_overshooting_kl", "overshooting_rollouts"]
+
+
+def _check(rssm: object, post: object, action: object, distance: object) -> tuple[State, int, int, int]:
+    if not isinstance(rssm, RSSM):
+        raise TypeError(f"rssm must be a fastwm.RSSM, got {type(rssm).__name__}")
+    if not isinstance(post, State):
+        if not (isinstance(post, tuple) and len(post) == 4):
+            raise TypeError(f"post must be a fastwm.State with [B, T, ...] fields (what RSSM.observe returns), got "
+                            f"{type(post).__name__}")
+        post = State(*post)
+    if not isinstance(post.stoch, Tensor) or post.stoch.dim() != 3:
+        got = list(post.stoch.shape) if isinstance(post.stoch, Tensor) else type(post.stoch).__name__
+        raise ValueError(f"post.stoch must have shape [B, T, {rssm.stoch}], got {got}")
+    b, t_len = post.stoch.shape[:2]
+    widths = {"deter": rssm.deter, "stoch": rssm.stoch, "mean": rssm.stoch, "std": rssm.stoch}
+    for name, part in zip(State._fields, post):
+        if not isinstance(part, Tensor) or tuple(part.shape) != (b, t_len, widths[name]):
+            got = list(part.shape) if isinstance(part, Tensor) else type(part).__name__
+            raise ValueError(f"post.{name} must have shape [{b}, {t_len}, {widths[name]}], got {got}")
+    if not isinstance(action, Tensor) or tuple(action.shape) != (b, t_len, rssm.action_dim):
+        got = list(action.shape) if isinstance(action, Tensor) else type(action).__name__
+        raise ValueError(f"action must have shape [{b}, {t_len}, {rssm.action_dim}] (the action that led to each "
+                         f"step, as observe takes it), got {got}")
+    if isinstance(distance, bool) or not isinstance(distance, int) or distance < 2:
+        raise ValueError(f"distance must be an int >= 2 (the longest open-loop prediction, in steps; 1 is the ELBO's "
+                         f"own KL), got {distance!r}")
+    return post, b, t_len, distance
+
+
+def _first(is_first: object, b: int, t_len: int, device: torch.device) -> Tensor:
+    if is_first is None:
+        return torch.zeros(b, t_len, dtype=torch.bool, device=device)
+    if not isinstance(is_first, Tensor) or tuple(is_first.shape) != (b, t_len):
+        got = list(is_first.shape) if isinstance(is_first, Tensor) else type(is_first).__name__
+        raise ValueError(f"is_first must have shape [{b}, {t_len}], got {got}")
+    if is_first.device != device:
+        raise ValueError(f"is_first must be on {device}, got {is_first.device}")
+    if is_first.is_complex():
+        raise TypeError(f"is_first must be bool (or 0 / 1 as numbers), got {is_first.dtype}")
+    return is_first != 0
+
+
+def overshooting_rollouts(rssm: RSSM, post: State, action: Tensor, *, distance: int, is_first: Tensor | None = None,
+                          state: State | None = None, noise: Tensor | None = None,
+                          generator: torch.Generator | None = None) -> tuple[State, Tensor]:
+    """The open-loop priors of latent overshooting, from every step of a filtered sequence at once.
+
+    Args:
+        rssm: the model that filtered the sequence.
+        post: the posterior States [B, T, ...] of :meth:`RSSM.observe`.
+        action: [B, T, A], ``action[:, t]`` the action that led to step t (as observe takes it).
+        distance: K = min(distance, T) prior steps are rolled from each start.
+        is_first: [B, T] resets, as given to observe (a start at a reset is the initial state, with its action
+            zeroed, as observe does).
+        state: the state before step 0 (:meth:`RSSM.initial` when None), as given to observe.
+        noise: [B, T, K, S] the prior samples' noise (drawn when None; ``generator`` draws it).
+
+    Returns:
+        (prior, valid): ``prior`` a State with [B, T, K, ...] fields, ``prior[:, t, k - 1]`` the prior of step
+        t + k - 1 after k open-loop steps from the state before step t (k = 1 is the usual one-step prior);
+        ``valid`` [B, T, K] bool, False where step t + k - 1 lies past the sequence's end or a reset falls in
+        t + 1 .. t + k - 1.
+    """
+    post, b, t_len, distance = _check(rssm, post, action, distance)
+    device = post.stoch.device
+    first = _first(is_first, b, t_len, device)
+    k_len = min(distance, t_len)
+    init = rssm.initial(b) if state is None else rssm._check_state(state)
+    if init.stoch.shape[0] != b:
+        raise ValueError(f"state must have batch size {b} (from post), got {init.stoch.shape[0]}")
+    if noise is not None:
+        if not isinstance(noise, Tensor) or tuple(noise.shape) != (b, t_len, k_len, rssm.stoch):
+            got = list(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise ValueError(f"noise must have shape [{b}, {t_len}, {k_len}, {rssm.stoch}] (B, T, min(distance, T), "
+                             f"S), got {got}")
+    # The state before each step: the posterior of the step before, the initial state at step 0 and at resets.
+    keep = ~first[..., None]
+    prev = State(*(torch.where(keep, torch.cat([i[:, None], p[:, :-1]], dim=1), i[:, None].expand_as(p))
+                   for i, p in zip(init, post)))
+    # Step k of the rollout from t takes action[t + k - 1] (zeroed at a reset start, as observe does).
+    steps = torch.arange(t_len, device=device)[:, None] + torch.arange(k_len, device=device)  # [T, K]
+    idx = steps.clamp(max=t_len - 1)
+    acts = action[:, idx]  # [B, T, K, A]
+    acts = torch.cat([torch.where(keep[:, :, None], acts[:, :, :1], torch.zeros_like(acts[:, :, :1])), acts[:, :, 1:]],
+                     dim=2)
+    resets = torch.cumsum(first.to(torch.int32), dim=1)  # a reset in t+1 .. t+k-1: resets[t+k-1] > resets[t]
+    valid = (steps < t_len)[None] & (resets[:, idx] == resets[:, :, None])
+    n = b * t_len
+    starts = State(*(p.reshape(n, p.shape[-1]) for p in prev))
+    prior = rssm.imagine(acts.reshape(n, k_len, rssm.action_dim), starts,
+                         None if noise is None else noise.reshape(n, k_len, rssm.stoch), generator=generator)
+    return State(*(p.reshape(b, t_len, k_len, p.shape[-1]) for p in prior)), valid
+
+
+def latent_overshooting_kl(rssm: RSSM, post: State, action: Tensor, *, distance: int,
+                           is_first: Tensor | None = None, state: State | None = None, free_nats: float = 3.0,
+                           stop_posterior_grad: bool = True, noise: Tensor | None = None,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """PlaNet's latent overshooting divergence, for open-loop predictions 2 to ``distance`` steps ahead.
+
+    Args:
+        rssm, post, action, is_first, state: the model, its posterior States [B, T, ...] from
+            :meth:`RSSM.observe`, and what observe was given (``action[:, t]`` led to step t).
+        distance: D >= 2, the longest open-loop prediction, in steps (PlaNet's ``overshooting`` setting + 1); only
+            distances up to T can have a target.
+        free_nats: each (t, d) term is max(free_nats, KL) (PlaNet's 3.0 by default; 0 for none).
+        stop_posterior_grad: no gradient into the target posteriors (PlaNet's default); the starts of the rollouts
+            and the prior steps get theirs either way.
+        noise: [B, T, min(distance, T), S] the open-loop samples' noise (drawn when None, from ``generator``).
+
+    Returns:
+        A scalar in float32 (float64 for float64 inputs): the mean over the distances 2..D and the B sequences of
+        the mean over the valid steps t of max(free_nats, KL(q_t || p_d(z_t))); pairs with no valid step are left
+        out of the mean, and with none at all (T < 2) the result is 0.
+    """
+    free = check_float("free_nats", free_nats)
+    if free < 0:
+        raise ValueError(f"free_nats must be >= 0, got {free}")
+    if not isinstance(stop_posterior_grad, bool):
+        raise TypeError(f"stop_posterior_grad must be a bool, got {type(stop_posterior_grad).__name__}")
+    post, b, t_len, distance = _check(rssm, post, action, distance)
+    kl_dtype = torch.float64 if post.stoch.dtype == torch.float64 else torch.float32
+    if t_len < 2:
+        return post.stoch.new_zeros((), dtype=kl_dtype)
+    prior, valid = overshooting_rollouts(rssm, post, action, distance=distance, is_first=is_first, state=state,
+                                         noise=noise, generator=generator)
+    k_len = prior.stoch.shape[2]
+    # Targets: the posterior at step t + k - 1, for k = 2..K.
+    idx = (torch.arange(t_len, device=post.stoch.device)[:, None]
+           + torch.arange(1, k_len, device=post.stoch.device)).clamp(max=t_len - 1)  # [T, K - 1]
+    q_mean, q_std = post.mean[:, idx], post.std[:, idx]
+    if stop_posterior_grad:
+        q_mean, q_std = q_mean.detach(), q_std.detach()
+    kl = gaussian_kl(q_mean, q_std, prior.mean[:, :, 1:], prior.std[:, :, 1:])  # [B, T, K - 1]
+    valid = valid[:, :, 1:]
+    floored = torch.where(valid, torch.clamp(kl, min=free), torch.zeros_like(kl))
+    count = valid.sum(dim=1)  # [B, K - 1]: valid steps per (sequence, distance)
+    per_pair = floored.sum(dim=1) / count.clamp(min=1)
+    pairs = count > 0
+    return (per_pair * pairs).sum() / pairs.sum().clamp(min=1)
