@@ -3,22 +3,24 @@
 The ELBO's KL term compares the posterior q(z_t | o_<=t) with the one-step prior p(z_t | z_{t-1}, a_{t-1}). PlaNet's
 latent overshooting adds the same comparison for priors predicted d > 1 steps ahead with no observation in between,
 so that multi-step imagination is trained too (Hafner et al. 2019, section 4; google-research/planet's
-``tools/overshooting.py`` and ``training/define_model.py``)::
+``tools/overshooting.py`` and the ``overshooting`` objective of ``training/utility.py``)::
 
-    L_os = mean over d in 2..D and the batch of  mean over t of  max(free, KL(sg(q_t) || p_d(z_t)))
+    L_os = mean over d in 2..D and the batch of  mean over t of  f(KL(sg(q_t) || p_d(z_t)))
 
 where p_d(z_t) starts from the state before step t - d + 1 (the posterior at t - d, or the initial state at a
 sequence's start) and applies the prior step d times with the actions a_{t-d+1}, ..., a_t, sampling each step's
-latent from its prior. ``sg`` stops the gradient into the target posterior (PlaNet's ``stop_os_posterior_gradient``,
+latent from its prior; f is the free-nats rule of the one-step term, applied to each (t, d) term before the means:
+max(0, KL - free) (``mode="shifted"``, google-research/planet's current code, as its one-step KL) or max(free, KL)
+(``mode="per_step"``, its first release). The two differ by the constant ``free`` for the terms above the floor and
+have the same gradient. ``sg`` stops the gradient into the target posterior (PlaNet's ``os_stop_posterior_grad``,
 on by default there); the start of each open-loop rollout keeps its gradient, so the overshooting term trains the
-posterior that begins it as well as the prior steps. Free nats apply to each (t, d) term before the means, as in
-PlaNet. The d = 1 term is the ELBO's own KL and is not included: add ``scale * latent_overshooting_kl(...)`` to
-the sequence ELBO's loss (PlaNet scales the overshooting divergence like the one-step one, 1.0 by default).
+posterior that begins it as well as the prior steps. The d = 1 term is the ELBO's own KL and is not included: add
+``scale * latent_overshooting_kl(...)`` to the sequence ELBO's loss (PlaNet's ``overshooting_scale``).
 
-Counting: PlaNet's ``overshooting`` setting D' predicts 2 to D' + 1 steps ahead, so ``distance = D' + 1`` here. A
-rollout that would cross the end of the sequence or a reset (``is_first``) is left out, and each (sequence, d) pair is
-the mean over its valid t. PlaNet fills its masked terms with the free-nats floor before dividing by the number of
-valid ones, which shifts its value (not its gradient) by a constant; fastwm takes the mean over the valid terms only.
+Counting: PlaNet's ``overshooting_distance`` is ``distance`` here (its rollouts predict 2 to that many steps ahead;
+its first release's ``overshooting`` setting D' went to D' + 1). A rollout that would pass the end of the sequence or
+a reset (``is_first``) is left out, and each (sequence, d) pair is the mean over its valid t, as PlaNet's first
+release masked them; its current code computes that mask but leaves it out of the divergence and its mean.
 
 All B x T open-loop rollouts run as one batch through :meth:`fastwm.RSSM.imagine`: on the Triton backend each of the
 D steps is one fused prior-step kernel over B * T rows, forward and backward.
@@ -33,7 +35,10 @@ from ._validation import check_float
 from .gaussian import gaussian_kl
 from .rssm import RSSM, State
 
-__all__ = ["latent_overshooting_kl", "overshooting_rollouts"]
+__all__ = ["OVERSHOOTING_MODES", "latent_overshooting_kl", "overshooting_rollouts"]
+
+#: The free-nats rules of :func:`latent_overshooting_kl`, named as :func:`fastwm.kl_loss`'s modes.
+OVERSHOOTING_MODES = ("shifted", "per_step")
 
 
 def _check(rssm: object, post: object, action: object, distance: object) -> tuple[State, int, int, int]:
@@ -130,28 +135,32 @@ def overshooting_rollouts(rssm: RSSM, post: State, action: Tensor, *, distance: 
 
 def latent_overshooting_kl(rssm: RSSM, post: State, action: Tensor, *, distance: int,
                            is_first: Tensor | None = None, state: State | None = None, free_nats: float = 3.0,
-                           stop_posterior_grad: bool = True, noise: Tensor | None = None,
+                           mode: str = "shifted", stop_posterior_grad: bool = True, noise: Tensor | None = None,
                            generator: torch.Generator | None = None) -> Tensor:
     """PlaNet's latent overshooting divergence, for open-loop predictions 2 to ``distance`` steps ahead.
 
     Args:
         rssm, post, action, is_first, state: the model, its posterior States [B, T, ...] from
             :meth:`RSSM.observe`, and what observe was given (``action[:, t]`` led to step t).
-        distance: D >= 2, the longest open-loop prediction, in steps (PlaNet's ``overshooting`` setting + 1); only
+        distance: D >= 2, the longest open-loop prediction, in steps (PlaNet's ``overshooting_distance``); only
             distances up to T can have a target.
-        free_nats: each (t, d) term is max(free_nats, KL) (PlaNet's 3.0 by default; 0 for none).
+        free_nats: the free nats of each (t, d) term (PlaNet's 3.0 by default; 0 for none).
+        mode: "shifted", each term max(0, KL - free_nats) (google-research/planet now, and fastwm's "planet" KL
+            preset), or "per_step", max(free_nats, KL) (PlaNet's first release): the same gradient.
         stop_posterior_grad: no gradient into the target posteriors (PlaNet's default); the starts of the rollouts
             and the prior steps get theirs either way.
         noise: [B, T, min(distance, T), S] the open-loop samples' noise (drawn when None, from ``generator``).
 
     Returns:
         A scalar in float32 (float64 for float64 inputs): the mean over the distances 2..D and the B sequences of
-        the mean over the valid steps t of max(free_nats, KL(q_t || p_d(z_t))); pairs with no valid step are left
-        out of the mean, and with none at all (T < 2) the result is 0.
+        the mean over the valid steps t of the floored KL(q_t || p_d(z_t)); pairs with no valid step are left out
+        of the mean, and with none at all (T < 2) the result is 0.
     """
     free = check_float("free_nats", free_nats)
     if free < 0:
         raise ValueError(f"free_nats must be >= 0, got {free}")
+    if mode not in OVERSHOOTING_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, OVERSHOOTING_MODES))}, got {mode!r}")
     if not isinstance(stop_posterior_grad, bool):
         raise TypeError(f"stop_posterior_grad must be a bool, got {type(stop_posterior_grad).__name__}")
     post, b, t_len, distance = _check(rssm, post, action, distance)
@@ -169,7 +178,8 @@ def latent_overshooting_kl(rssm: RSSM, post: State, action: Tensor, *, distance:
         q_mean, q_std = q_mean.detach(), q_std.detach()
     kl = gaussian_kl(q_mean, q_std, prior.mean[:, :, 1:], prior.std[:, :, 1:])  # [B, T, K - 1]
     valid = valid[:, :, 1:]
-    floored = torch.where(valid, torch.clamp(kl, min=free), torch.zeros_like(kl))
+    floored = torch.clamp(kl, min=free) if mode == "per_step" else torch.clamp(kl - free, min=0.0)
+    floored = torch.where(valid, floored, torch.zeros_like(floored))
     count = valid.sum(dim=1)  # [B, K - 1]: valid steps per (sequence, distance)
     per_pair = floored.sum(dim=1) / count.clamp(min=1)
     pairs = count > 0

@@ -42,7 +42,7 @@ def _inputs(m: fastwm.RSSM, g: torch.Generator, k: int, dtype, device="cpu"):
     return post, randn(B, T, A), first, start, randn(B, T, k, S)
 
 
-def _loop(m, post, action, distance, first, start, free, noise, stop_grad=True):
+def _loop(m, post, action, distance, first, start, free, noise, stop_grad=True, mode="shifted"):
     """The definition, one rollout at a time."""
     terms: dict[tuple[int, int], list[torch.Tensor]] = {}
     for b in range(B):
@@ -62,7 +62,8 @@ def _loop(m, post, action, distance, first, start, free, noise, stop_grad=True):
                     if stop_grad:
                         qm, qs = qm.detach(), qs.detach()
                     kl = kl_divergence(Normal(qm, qs), Normal(s.mean[0], s.std[0])).sum()
-                    terms.setdefault((b, k), []).append(torch.clamp(kl, min=free))
+                    floored = torch.clamp(kl, min=free) if mode == "per_step" else torch.clamp(kl - free, min=0.0)
+                    terms.setdefault((b, k), []).append(floored)
     per_pair = [torch.stack(v).mean() for v in terms.values()]
     return torch.stack(per_pair).mean()
 
@@ -74,8 +75,9 @@ def _leaves(post, start):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.parametrize("stop_grad", [True, False], ids=["sg", "no-sg"])
-def test_matches_the_loop_values_and_gradients(cfg, stop_grad):
+@pytest.mark.parametrize("stop_grad,mode", [(True, "shifted"), (False, "shifted"), (True, "per_step")],
+                         ids=["sg", "no-sg", "per-step"])
+def test_matches_the_loop_values_and_gradients(cfg, stop_grad, mode):
     m = _model(torch.float64, **cfg)
     distance = 4
     post, action, first, start, noise = _inputs(m, torch.Generator().manual_seed(1), distance, torch.float64)
@@ -87,9 +89,10 @@ def test_matches_the_loop_values_and_gradients(cfg, stop_grad):
         with fastwm.backend("reference"):
             if fn == "fastwm":
                 value = fastwm.latent_overshooting_kl(m, p, a, distance=distance, is_first=first, state=s0,
-                                                      free_nats=0.4, stop_posterior_grad=stop_grad, noise=noise)
+                                                      free_nats=0.4, mode=mode, stop_posterior_grad=stop_grad,
+                                                      noise=noise)
             else:
-                value = _loop(m, p, a, distance, first, s0, 0.4, noise, stop_grad)
+                value = _loop(m, p, a, distance, first, s0, 0.4, noise, stop_grad, mode)
         weights = torch.linspace(0.5, 2.0, 1, dtype=torch.float64)  # an upstream gradient that is not one
         (value * weights).sum().backward()
         grads.append((value.detach(), [x.grad for x in (*p, *s0, a)],
@@ -154,8 +157,15 @@ def test_distances_sequence_end_and_seeded_noise():
         runs = [fastwm.latent_overshooting_kl(m, post, action, distance=3,
                                               generator=torch.Generator().manual_seed(7)) for _ in range(2)]
         assert runs[0].item() == runs[1].item()
-        # free nats floor each term: a floor above every KL gives the floor itself
-        assert fastwm.latent_overshooting_kl(m, post, action, distance=3, free_nats=1e6).item() == 1e6
+        # free nats floor each term: a floor above every KL gives the floor itself (per_step), or 0 (shifted)
+        assert fastwm.latent_overshooting_kl(m, post, action, distance=3, free_nats=1e6, mode="per_step").item() \
+            == 1e6
+        assert fastwm.latent_overshooting_kl(m, post, action, distance=3, free_nats=1e6).item() == 0.0
+        # without free nats the two rules agree
+        g = [torch.Generator().manual_seed(8) for _ in range(2)]
+        a, b = (fastwm.latent_overshooting_kl(m, post, action, distance=3, free_nats=0.0, mode=mode, generator=gen)
+                for mode, gen in zip(("shifted", "per_step"), g))
+        assert a.item() == b.item() and a.item() > 0
 
 
 def test_bad_arguments_are_named():
@@ -182,5 +192,7 @@ def test_bad_arguments_are_named():
         call(m, post, action, distance=3, free_nats=-1.0)
     with pytest.raises(TypeError, match="free_nats"):
         call(m, post, action, distance=3, free_nats="3")
+    with pytest.raises(ValueError, match="mode"):
+        call(m, post, action, distance=3, mode="mean")
     with pytest.raises(TypeError, match="stop_posterior_grad"):
         call(m, post, action, distance=3, stop_posterior_grad=1)
