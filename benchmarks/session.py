@@ -161,7 +161,7 @@ def build_plan(out: Path, work: Path, *, device: str = "cuda", workers: int = 8,
             _tune(["--no-split"], None, device, shard),
             _bench(COMPILED, None, device, shard),
             _bench(STEPS, None, device, shard),
-        ], 300, logs / f"warm-{i}.log"))
+        ], 300, logs / f"warm-{i}.log", env={"TORCHINDUCTOR_COMPILE_THREADS": "1"}))  # 8 of them share the cores
 
     def tune_commands(results: dict[str, dict[str, Any]]) -> list[list[str]]:
         split_ok = results.get("split", {}).get("rc") == 0
