@@ -14,23 +14,31 @@ Phase 1 runs in parallel, because its cost is compilation, on the CPU cores:
   it ``tests-more`` over rssm, gaussian, kl, elbo, compile, backend and validation (``--test-workers`` processes
   between them);
 * ``split``: observe's feature-split test alone (its programs meet at grid barriers that have never run on a GPU;
-  a hang is killed at its limit), then, if it passed, the split's tune variants compiled (``split-warm-*``);
-* ``warm-*``: ``--warm-only --shard I/W`` of every case phase 2 times (``fastwm bench`` and ``benchmarks.tune``): each
-  kernel variant compiled once into Triton's on-disk cache (and Inductor's, for the compiled provider), so the timing
-  processes find them there instead of compiling one after another.
+  a hang is ended by pytest-timeout after 90 s, or killed at the step's limit), then, if it passed, the split's tune
+  variants compiled (``split-warm-*``);
+* ``warm-*``: ``--warm-only --shard I/W`` of the cases of observe, rollout and tune (``fastwm bench``,
+  ``benchmarks.tune``): each kernel variant compiled once into Triton's on-disk cache, so that the timing processes
+  find it there instead of compiling one after another. Warm steps still running at phase 1's end are stopped
+  (expected, not a failure).
 
 Phase 2 runs one step at a time (timings must not share the GPU), in this order, each skipped once too little time is
 left: ``observe`` (bench rssm observe: both sizes, fp32 and bf16, fwd and fwd_bwd; eager, graphed, fused-steps,
 fastwm, recompute), ``rollout`` (imagine and imagine_return at N 1,000 and 10,000, H 15, both sizes and dtypes; CEM
 decisions for 1 and 16 beliefs), ``tune`` (every launch variant against the default; without the split variants when
-``split`` failed), ``compiled`` (imagine at N 10,000 with torch.compile's default mode beside eager, graphed and
-fastwm), ``steps`` (img_step and obs_step).
+``split`` or one of its warm-ups failed; the split variants are timed after all the others), ``compiled`` (imagine at
+N 10,000 with torch.compile's default mode beside eager, graphed and fastwm), ``steps`` (img_step and obs_step): the
+last two only if time is left, compiling in their own step.
+
+The checkout runs as it is, from the repository root, with nothing installed (``fastwm/__init__.py`` finds kernels/
+and benchmarks/ there); an install is tried only if that import fails. Every command's process group is killed when
+its step ends, at its limit, at the deadline, or when the session stops (SIGTERM included).
 
 What comes back (a device call returns at most 8 files, at most two folders down): ``OUT/session.json`` (every step's
-status, seconds and command; device, versions, commit), ``OUT/session.log`` (this program's output), ``OUT/tests.log``,
-``OUT/rssm/bench_rssm.json``, ``OUT/rollout/bench_rollout.json`` and ``rollout_throughput.png``,
-``OUT/tune/tune.json`` (``*.partial.json`` instead, for a step stopped at its limit) and ``OUT/extra.tar.gz`` (every
-log, the compiled and steps rows).
+status, seconds and command; device, versions, commit), ``OUT/tests.log``, ``OUT/rssm/bench_rssm.json``,
+``OUT/rollout/bench_rollout.json`` and ``rollout_throughput.png``, ``OUT/tune/tune.json`` (``*.partial.json``
+instead, for a step stopped at its limit) and ``OUT/extra.tar.gz`` (every log, this program's own ``session.log``
+among them, the compiled and steps rows, and anything else that was left under OUT): 7 files at most. This program's
+output also goes to stdout, whose end the device call returns.
 """
 
 from __future__ import annotations
@@ -59,6 +67,10 @@ PY = sys.executable
 MAX_OUT_FILES = 8  # what one device call brings back
 MAX_OUT_DEPTH = 2  # OUT/a/b/file comes back, OUT/a/b/c/file does not
 PACK_RESERVE_S = 20.0  # kept back from the deadline for writing session.json and extra.tar.gz
+# What stays under OUT (at most 7 at once, with extra.tar.gz 8): anything else is moved into extra.tar.gz.
+KEEP = ("session.json", "tests.log", "rssm/bench_rssm.json", "rssm/bench_rssm.partial.json",
+        "rollout/bench_rollout.json", "rollout/bench_rollout.partial.json", "rollout/rollout_throughput.png",
+        "tune/tune.json", "tune/tune.partial.json")
 
 # The kernel tests: those of the open issues' kernels (observe, rollout, the step, planning) on workers of their own,
 # the rest beside them (xdist hands tests out in file order, so a step stopped at its limit has run the first ones).
@@ -94,6 +106,7 @@ class Step:
     after: str | None = None
     min_s: float = 20.0
     env: dict[str, str] = field(default_factory=dict)
+    cut_ok: bool = False  # a warm step: stopped at the phase's deadline is expected, not a failure
 
     def resolve(self, results: dict[str, dict[str, Any]]) -> list[list[str]]:
         return self.commands(results) if callable(self.commands) else self.commands
@@ -146,25 +159,29 @@ def build_plan(out: Path, work: Path, *, device: str = "cuda", workers: int = 8,
                                   ["-k", "not feature_split"])], 300, out / "tests.log"),
         Step("tests-more", 1, [_pytest(MORE_TEST_FILES, device, max(1, test_workers // 3))], 300,
              logs / "tests-more.log"),
-        Step("split", 1, [_pytest(("test_observe",), device, 1, ["-k", "feature_split"])], 150,
+        # pytest-timeout (on the GPU machine) ends a hung test in 90 s with the threads' stacks in the log
+        Step("split", 1, [_pytest(("test_observe",), device, 1, ["-k", "feature_split", "--timeout", "90",
+                                                                 "--timeout-method", "thread"])], 150,
              logs / "split.log"),
     ]
     split_shards = 3
     steps += [Step(f"split-warm-{j}", 1, [_tune(["--kinds", "observe", "--variants", "split"], None, device,
-                                                (j, split_shards))], 300, logs / f"split-warm-{j}.log", after="split")
+                                                (j, split_shards))], 300, logs / f"split-warm-{j}.log", after="split",
+                   cut_ok=True)
               for j in range(split_shards)]
+    # What phase 2 is sure to reach is warmed: observe, the rollout and tune (compiled and steps, last, compile
+    # in their own step if time is left). Command j of shard i deals from (i + j) mod W, so that the shards that
+    # get a command's leftover cases differ from command to command.
+    warmed = [(_bench, OBSERVE), (_bench, ROLLOUT), (_tune, ["--no-split"])]
     for i in range(workers):
-        shard = (i, workers)
-        steps.append(Step(f"warm-{i}", 1, [
-            _bench(OBSERVE, None, device, shard),
-            _bench(ROLLOUT, None, device, shard),
-            _tune(["--no-split"], None, device, shard),
-            _bench(COMPILED, None, device, shard),
-            _bench(STEPS, None, device, shard),
-        ], 300, logs / f"warm-{i}.log", env={"TORCHINDUCTOR_COMPILE_THREADS": "1"}))  # 8 of them share the cores
+        steps.append(Step(f"warm-{i}", 1, [make(args, None, device, ((i + j) % workers, workers))
+                                           for j, (make, args) in enumerate(warmed)],
+                          300, logs / f"warm-{i}.log", cut_ok=True))
 
     def tune_commands(results: dict[str, dict[str, Any]]) -> list[list[str]]:
-        split_ok = results.get("split", {}).get("rc") == 0
+        # the split's variants are timed only if its test passed and none of its warm-ups hung
+        split_ok = results.get("split", {}).get("rc") == 0 and not any(
+            r.get("timed_out") for n, r in results.items() if n.startswith("split-warm"))
         return [_tune([] if split_ok else ["--no-split"], out / "tune", device)]
 
     steps += [
@@ -189,7 +206,10 @@ def check_plan(steps: Sequence[Step]) -> list[str]:
     from .harness import _plans, parse_shard
 
     problems = []
+    names = [s.name for s in steps]
     for step in steps:
+        if step.after is not None and (step.after not in names or step.phase != steps[names.index(step.after)].phase):
+            problems.append(f"{step.name}: after {step.after!r}, which is no step of phase {step.phase}")
         commands = step.resolve({}) + (step.resolve({"split": {"rc": 0}}) if callable(step.commands) else [])
         for cmd in commands:
             where = f"{step.name}: {shlex.join(cmd[1:])}"
@@ -285,15 +305,23 @@ class _Running:
         self.rc = self.rc or 0
         return True
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the command and its children (pytest's workers)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-        if self.file is not None:
-            self.file.write("# killed at its time limit\n")
+    def kill(self, why: str | None = None) -> bool:
+        """SIGKILL the command's whole process group (its children too: pytest's workers, background jobs), also
+        when the command itself has ended; False if it has not gone within 10 s (stuck in the driver, say)."""
+        if self.proc is None:
+            return True
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+            gone = True
+        except subprocess.TimeoutExpired:
+            gone = False
+        if why is not None and self.file is not None:
+            self.file.write(f"# killed: {why}{'' if gone else ' (and still not gone after 10 s)'}\n")
+        return gone
 
     def close(self) -> None:
         if self.file is not None:
@@ -306,13 +334,14 @@ def _run_steps(steps: Sequence[Step], results: dict[str, dict[str, Any]], env: d
     record each in ``results``."""
     waiting = list(steps)
     running: list[_Running] = []
+    known = {s.name for s in steps}
 
-    def finish(r: _Running, timed_out: bool) -> None:
-        if timed_out:
-            r.kill()
+    def finish(r: _Running, timed_out: bool, why: str = "") -> None:
+        r.kill(why if timed_out else None)  # what the command left behind goes with it
         r.close()
         seconds = time.monotonic() - r.started
         results[r.step.name] = {"phase": r.step.phase, "rc": None if timed_out else r.rc, "timed_out": timed_out,
+                                "killed": why if timed_out else None, "cut_ok": r.step.cut_ok,
                                 "seconds": round(seconds, 1), "log": str(r.step.log),
                                 "commands": [shlex.join(c) for c in r.commands]}
         log(f"{r.step.name}: {_state(results[r.step.name])} after {seconds:.0f} s")
@@ -321,12 +350,26 @@ def _run_steps(steps: Sequence[Step], results: dict[str, dict[str, Any]], env: d
         results[step.name] = {"phase": step.phase, "rc": None, "timed_out": False, "seconds": 0.0, "skipped": why}
         log(f"{step.name}: skipped ({why})")
 
+    try:
+        _schedule(waiting, running, known, results, env, deadline, parallel, finish, skip, log)
+    finally:  # an exception or a SIGTERM in here: leave nothing running
+        for r in running:
+            finish(r, True, "the session stopped")
+
+
+def _schedule(waiting: list[Step], running: list[_Running], known: set[str], results: dict[str, dict[str, Any]],
+              env: dict[str, str], deadline: float, parallel: bool, finish: Callable[..., None],
+              skip: Callable[[Step, str], None], log: _Log) -> None:
     while waiting or running:
         now = time.monotonic()
         for step in list(waiting):
             if running and not parallel:
                 break
             if step.after is not None and step.after not in results:
+                if step.after in known:
+                    continue
+                waiting.remove(step)
+                skip(step, f"{step.after} is not in this phase")
                 continue
             waiting.remove(step)
             if step.after is not None and results[step.after].get("rc") != 0:
@@ -348,7 +391,7 @@ def _run_steps(steps: Sequence[Step], results: dict[str, dict[str, Any]], env: d
                 finish(r, False)
             elif now - r.started > r.step.timeout_s or now > deadline:
                 running.remove(r)
-                finish(r, True)
+                finish(r, True, "at its time limit" if now - r.started > r.step.timeout_s else "at the deadline")
 
 
 def _versions(device: str) -> dict[str, Any]:
@@ -381,15 +424,33 @@ def _ensure_installed(log: _Log) -> bool:
     """fastwm importable with its kernels (``fastwm.kernels`` is the kernels/ folder only once installed): else an
     editable install from this tree, with nothing fetched (the GPU machine reaches no registry)."""
     probe = [PY, "-c", "import fastwm.kernels, fastwm.benchmarks"]
-    if subprocess.run(probe, cwd=ROOT, capture_output=True).returncode == 0:
+
+    def importable() -> bool:
+        try:
+            done = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            log("importing fastwm took over 120 s")
+            return False
+        if done.returncode != 0:
+            log(f"fastwm does not import from {ROOT}:\n{done.stderr.strip()[-2000:]}")
+        return done.returncode == 0
+
+    # From the repository root a checkout imports as it is (fastwm/__init__.py finds kernels/ and benchmarks/):
+    # no install needed, and none can break.
+    if importable():
         return True
     log("installing fastwm from this tree (pip install -e . --no-deps --no-build-isolation --no-index)")
-    done = subprocess.run([PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                           "-e", str(ROOT)], cwd=ROOT, capture_output=True, text=True)
+    try:
+        done = subprocess.run([PY, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                               "--no-build-isolation", "--no-index", "-e", str(ROOT)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        log("pip install took over 180 s")
+        return False
     if done.returncode != 0:
         log(f"install failed:\n{done.stdout}{done.stderr}")
         return False
-    return subprocess.run(probe, cwd=ROOT, capture_output=True).returncode == 0
+    return importable()
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -400,13 +461,25 @@ def _tail(path: Path, lines: int) -> str:
 
 
 def _pack(out: Path, work: Path, log: _Log) -> None:
-    """Every log and extra row into out/extra.tar.gz (the caches stay behind)."""
+    """Every log and extra row into out/extra.tar.gz (the caches stay behind), and with them whatever else lies
+    under ``out`` beside :data:`KEEP` (a suite's partial rows beside its final ones, say), so that everything comes
+    back within a device call's 8 files."""
     target = out / "extra.tar.gz"
+    strays = [p for p in sorted(out.rglob("*")) if p.is_file() and p != target
+              and str(p.relative_to(out)) not in KEEP]
+    for p in (out / k for k in KEEP if k.endswith(".partial.json")):
+        if p.exists() and p.with_name(p.name.replace(".partial", "")).exists():
+            strays.append(p)  # the final rows are there: the partial ones go in the archive
     with tarfile.open(target, "w:gz") as tar:
         for sub in ("logs", "extra"):
             if (work / sub).exists():
                 tar.add(work / sub, arcname=sub)
-    log(f"packed {target} ({target.stat().st_size / 1e6:.2f} MB)")
+        for p in strays:
+            tar.add(p, arcname=f"out/{p.relative_to(out)}")
+    for p in strays:
+        p.unlink()
+    log(f"packed {target} ({target.stat().st_size / 1e6:.2f} MB)"
+        + (f"; moved into it: {', '.join(str(p.relative_to(out)) for p in strays)}" if strays else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,54 +531,66 @@ def main(argv: list[str] | None = None) -> int:
     for sub in ("logs", "extra"):  # an earlier run's; its caches are kept
         shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    log = _Log(out / "session.log")
-    start = time.monotonic()
-    deadline = start + args.budget_s - PACK_RESERVE_S
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(work / "triton-cache"),
-           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    summary: dict[str, Any] = {"commit": os.environ.get("FASTWM_COMMIT"), "budget_s": args.budget_s,
-                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "steps": {}}
-    status = 0
-    if not _ensure_installed(log):
-        status = 2
-    else:  # checked in a new interpreter: this one started before the editable install and cannot import it
-        check = [PY, "-m", "benchmarks.session", "--dry-run", "--out", str(out), "--work", str(work), "--device",
-                 device, "--workers", str(args.workers), "--test-workers", str(args.test_workers)]
-        done = subprocess.run(check + (["--smoke"] if args.smoke else []), cwd=ROOT, capture_output=True, text=True,
-                              env=env)
-        log(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "plan check printed nothing")
-        if done.returncode != 0:
-            log(f"the plan does not parse:\n{done.stdout}{done.stderr}")
+    log = _Log(work / "logs" / "session.log")  # packed into extra.tar.gz; stdout carries it too
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # _run_steps' finally kills what runs
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        start = time.monotonic()
+        deadline = start + args.budget_s - PACK_RESERVE_S
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(work / "triton-cache"),
+               "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
+        if device == "cpu":
+            env["TRITON_INTERPRET"] = "1"
+        else:
+            env.pop("TRITON_INTERPRET", None)
+        summary: dict[str, Any] = {"commit": os.environ.get("FASTWM_COMMIT"), "budget_s": args.budget_s,
+                                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "steps": {}}
+        status = 0
+        if not _ensure_installed(log):
             status = 2
-    if status == 0:
-        summary.update(_versions(device))
-        log(f"device {summary.get('device')}, torch {summary['torch']}, triton {summary['triton']}, "
-            f"commit {summary['commit']}")
-        results: dict[str, dict[str, Any]] = summary["steps"]
-        phase1_deadline = min(deadline, start + args.phase1_s)
-        _run_steps([s for s in steps if s.phase == 1], results, env, phase1_deadline, True, log)
-        (out / "session.json").write_text(json.dumps(summary, indent=1) + "\n")  # in case the rest is cut off
-        for name in ("tests", "tests-more"):
-            if "log" in results.get(name, {}):
-                log(f"--- {name} (the end of its log)\n" + _tail(Path(results[name]["log"]), 8))
-        _run_steps([s for s in steps if s.phase == 2], results, env, deadline, False, log)
-        for name, r in results.items():
-            if r["phase"] == 2 and "log" in r:
-                log(f"--- {name} (the end of its log)\n" + _tail(Path(r["log"]), 14))
-        bad = [n for n, r in results.items() if r.get("rc") not in (0, None) or r.get("timed_out")]
-        status = 1 if bad else 0
-        summary["elapsed_s"] = round(time.monotonic() - start, 1)
+        else:  # checked in a new interpreter, which sees an install made after this one started
+            check = [PY, "-m", "benchmarks.session", "--dry-run", "--out", str(out), "--work", str(work), "--device",
+                     device, "--workers", str(args.workers), "--test-workers", str(args.test_workers)]
+            try:
+                done = subprocess.run(check + (["--smoke"] if args.smoke else []), cwd=ROOT, capture_output=True,
+                                      text=True, env=env, timeout=120)
+            except subprocess.TimeoutExpired as exc:
+                done = subprocess.CompletedProcess(exc.cmd, 1, "", "the plan check took over 120 s")
+            log(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "plan check printed nothing")
+            if done.returncode != 0:
+                log(f"the plan does not parse:\n{done.stdout}{done.stderr}")
+                status = 2
+        if status == 0:
+            summary.update(_versions(device))
+            log(f"device {summary.get('device')}, torch {summary['torch']}, triton {summary['triton']}, "
+                f"commit {summary['commit']}")
+            results: dict[str, dict[str, Any]] = summary["steps"]
+            phase1_deadline = min(deadline, start + args.phase1_s)
+            _run_steps([s for s in steps if s.phase == 1], results, env, phase1_deadline, True, log)
+            (out / "session.json").write_text(json.dumps(summary, indent=1) + "\n")  # in case the rest is cut off
+            for name in ("tests", "tests-more"):
+                if "log" in results.get(name, {}):
+                    log(f"--- {name} (the end of its log)\n" + _tail(Path(results[name]["log"]), 8))
+            _run_steps([s for s in steps if s.phase == 2], results, env, deadline, False, log)
+            for name, r in results.items():
+                if r["phase"] == 2 and "log" in r:
+                    log(f"--- {name} (the end of its log)\n" + _tail(Path(r["log"]), 14))
+            bad = [n for n, r in results.items()
+                   if r.get("rc") not in (0, None) or (r.get("timed_out") and not r.get("cut_ok"))]
+            status = 1 if bad else 0
+            summary["elapsed_s"] = round(time.monotonic() - start, 1)
         _pack(out, work, log)
-    files, problems = out_files(out)
-    summary["out_problems"] = problems
-    (out / "session.json").write_text(json.dumps(summary, indent=1) + "\n")
-    for p in problems:
-        log(f"WARNING {p}")
-    log("steps: " + ", ".join(f"{n} {_state(r)}" for n, r in summary["steps"].items()))
+        files, problems = out_files(out)
+        summary["out_problems"] = problems
+        (out / "session.json").write_text(json.dumps(summary, indent=1) + "\n")
+        for p in problems:
+            log(f"WARNING {p}")
+        log("steps: " + ", ".join(f"{n} {_state(r)}" for n, r in summary["steps"].items()))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return status
 
 
@@ -513,7 +598,7 @@ def _state(result: dict[str, Any]) -> str:
     if "skipped" in result:
         return "skipped"
     if result.get("timed_out"):
-        return "TIMED OUT"
+        return "stopped at the phase's end" if result.get("cut_ok") else f"TIMED OUT ({result.get('killed')})"
     return "ok" if result.get("rc") == 0 else f"FAILED (exit {result.get('rc')})"
 
 

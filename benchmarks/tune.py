@@ -99,6 +99,22 @@ def _launch_config(v: Variant) -> Iterator[None]:
             setattr(m, name, value)
 
 
+def _settings() -> tuple[Any, ...]:
+    """The launch settings the kernel modules hold now (what :func:`_launch_config` changes)."""
+    from fastwm.kernels import observe, rollout, rssm
+
+    return (tuple(m.NUM_WARPS_STEP for m in (rssm, observe, rollout)), rssm.MAXNREG, observe.MAXNREG,
+            rollout._rollout_tiles, observe.LOOP_BLOCK_N, observe.LOOP_BLOCK_K, observe.FEATURE_SPLIT)
+
+
+def same_as_default(v: Variant) -> bool:
+    """Whether variant ``v`` launches exactly what the default does (e.g. 8 warps when 8 is the default): its kernels
+    are the default's, so warming it again would only compile them twice."""
+    before = _settings()
+    with _launch_config(v):
+        return _settings() == before
+
+
 def _cases(device: torch.device, quick: bool) -> Iterator[tuple[str, str, dict[str, Any], Any]]:
     """(kind, name, row fields, builder): builder() returns the zero-argument callable that runs the case once."""
     from . import bench_rollout, bench_rssm
@@ -153,50 +169,56 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool =
     from .harness import _sync, time_fn
 
     rows: list[dict[str, Any]] = []
-    for kind, name, fields, build in _cases(device, quick):
-        if kind not in kinds:
-            continue
-        base = None
-        for v in variants_for(kind):
-            if not _chosen(v, split, prefixes):
-                continue
-            if warm is not None and not warm.take():
-                continue
-            with _launch_config(v), fastwm.backend("triton"):
-                try:
-                    fn = build()
-                    fn()  # compile and warm up outside the timing
-                    _sync(device)
-                    if warm is not None:
-                        warm.warmed += 1
-                        print(f"{name:48s} {v.name:22s} warmed", flush=True)
-                        continue
-                    median, p20, p80 = time_fn(fn, device, quick)
-                except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the others go on
-                    print(f"{name:48s} {v.name:22s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-                    rows.append({**fields, "case": name, "variant": v.name, "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-            if kind == "observe":  # the programs per row block the forward loop really ran with
-                from fastwm.kernels import observe
+    cases = [c for c in _cases(device, quick) if c[0] in kinds]
+    base: dict[str, float] = {}
 
-                with _launch_config(v):
-                    fields = {**fields, "split_programs": observe.split_programs(fields["B"], fields["deter"],
-                                                                                 fields["hidden"], device)}
-            if v.name == DEFAULT:
-                base = median
-            ratio = base / median if base else None
-            rows.append({**fields, "case": name, "variant": v.name, "num_warps_step": v.num_warps_step,
-                         "rollout_tiles": v.rollout_tiles, "observe_tiles": v.observe_tiles,
-                         "feature_split": v.feature_split, "maxnreg": v.maxnreg, "median_ms": median,
-                         "p20_ms": p20, "p80_ms": p80,
-                         "speedup_vs_default": ratio})
-            print(f"{name:48s} {v.name:22s} {median:10.4f} ms  x{ratio:.3f} vs default" if ratio else
-                  f"{name:48s} {v.name:22s} {median:10.4f} ms", flush=True)
-            if partial is not None:
-                partial.parent.mkdir(parents=True, exist_ok=True)
-                partial.write_text(json.dumps([{**r, **(meta or {})} for r in rows], indent=1, default=str) + "\n")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    def keep(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps([{**r, **(meta or {})} for r in rows], indent=1, default=str) + "\n")
+
+    # The feature-split variants go last, after every other (case, variant): their grid barriers are the likeliest
+    # to hang, and a hang must not cost the other measurements.
+    for split_pass in (False, True):
+        for kind, name, fields, build in cases:
+            for v in variants_for(kind):
+                if bool(v.feature_split) != split_pass or not _chosen(v, split, prefixes):
+                    continue
+                if warm is not None and (v.name != DEFAULT and same_as_default(v) or not warm.take()):
+                    continue  # the default's kernels are warmed under its own name
+                with _launch_config(v), fastwm.backend("triton"):
+                    try:
+                        fn = build()
+                        fn()  # compile and warm up outside the timing
+                        _sync(device)
+                        if warm is not None:
+                            warm.warmed += 1
+                            print(f"{name:48s} {v.name:22s} warmed", flush=True)
+                            continue
+                        median, p20, p80 = time_fn(fn, device, quick)
+                    except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the others go on
+                        print(f"{name:48s} {v.name:22s} FAILED {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:120]}", flush=True)
+                        keep({**fields, "case": name, "variant": v.name, "error": f"{type(exc).__name__}: {exc}"})
+                        continue
+                if kind == "observe":  # the programs per row block the forward loop really ran with
+                    from fastwm.kernels import observe
+
+                    with _launch_config(v):
+                        fields = {**fields, "split_programs": observe.split_programs(fields["B"], fields["deter"],
+                                                                                     fields["hidden"], device)}
+                if v.name == DEFAULT:
+                    base[name] = median
+                ratio = base[name] / median if base.get(name) else None
+                keep({**fields, "case": name, "variant": v.name, "num_warps_step": v.num_warps_step,
+                      "rollout_tiles": v.rollout_tiles, "observe_tiles": v.observe_tiles,
+                      "feature_split": v.feature_split, "maxnreg": v.maxnreg, "median_ms": median,
+                      "p20_ms": p20, "p80_ms": p80, "speedup_vs_default": ratio})
+                print(f"{name:48s} {v.name:22s} {median:10.4f} ms  x{ratio:.3f} vs default" if ratio else
+                      f"{name:48s} {v.name:22s} {median:10.4f} ms", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 

@@ -20,18 +20,23 @@ def test_the_gpu_plan_parses(tmp_path: Path) -> None:
     names = [s.name for s in steps]
     assert names.index("tests") < names.index("observe")
     assert [s.name for s in steps if s.phase == 2] == ["observe", "rollout", "tune", "compiled", "steps"]
-    # every phase-2 bench command is warmed, with the same arguments, by every warm shard
+    # observe's and the rollout's timed commands are warmed, with the same arguments, every shard taking its part
     warm = [s for s in steps if s.name.startswith("warm-")]
-    assert len(warm) == 8
-    for step in (s for s in steps if s.phase == 2 and s.name != "tune"):
+    assert len(warm) == 8 and all(w.cut_ok for w in warm)
+    for step in (s for s in steps if s.name in ("observe", "rollout")):
         (timed,) = step.resolve({})
         args = timed[timed.index("bench") + 1:timed.index("--out")]
-        for i, w in enumerate(warm):
-            assert [*args, "--warm-only", "--shard", f"{i}/8", "--out", session.os.devnull] in \
-                [c[c.index("bench") + 1:] for c in w.resolve({}) if "bench" in c], step.name
+        shards = []
+        for w in warm:
+            mine = [c[c.index("bench") + 1:] for c in w.resolve({}) if "bench" in c and c[-3:] == ["--out", args[-1]]
+                    or "bench" in c and c[c.index("bench") + 1:c.index("--warm-only")] == args]
+            assert len(mine) == 1, step.name
+            shards.append(mine[0][mine[0].index("--shard") + 1])
+        assert sorted(shards) == [f"{i}/8" for i in range(8)], step.name
     tune_step = next(s for s in steps if s.name == "tune")
     assert "--no-split" in tune_step.resolve({"split": {"rc": 1}})[0]
     assert "--no-split" not in tune_step.resolve({"split": {"rc": 0}})[0]
+    assert "--no-split" in tune_step.resolve({"split": {"rc": 0}, "split-warm-1": {"timed_out": True}})[0]
 
 
 def test_check_plan_names_a_bad_command(tmp_path: Path) -> None:
@@ -41,9 +46,25 @@ def test_check_plan_names_a_bad_command(tmp_path: Path) -> None:
                         tmp_path / "y.log"),
            session.Step("z", 1, [[sys.executable, "-m", "pytest", "tests/test_nothing_here.py"]], 10,
                         tmp_path / "z.log")]
+    bad.append(session.Step("w", 1, [[sys.executable, "-m", "pytest", "tests/test_session.py"]], 10,
+                            tmp_path / "w.log", after="nobody"))
     problems = session.check_plan(bad)
-    assert len(problems) == 3
+    assert len(problems) == 4
     assert "providers" in problems[0] and "variants" in problems[1] and "test_nothing_here" in problems[2]
+    assert "nobody" in problems[3]
+
+
+# starts a grandchild in the background that would sleep a minute, writes its pid, and exits at once
+_ORPHAN = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+           "open(r'{}', 'w').write(str(p.pid))")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has ended
+    except OSError:
+        return False
 
 
 def _sleep(seconds: float, rc: int = 0) -> list[str]:
@@ -57,7 +78,10 @@ def test_scheduler_limits_dependencies_and_deadline(tmp_path: Path) -> None:
               session.Step("fails", 1, [_sleep(0, 3), _sleep(0)], 30, tmp_path / "fails.log"),
               session.Step("needs-fails", 1, [_sleep(0)], 30, tmp_path / "n.log", after="fails"),
               session.Step("needs-quick", 1, [_sleep(0)], 30, tmp_path / "q.log", after="quick"),
-              session.Step("quick", 1, [_sleep(0.2)], 30, tmp_path / "quick.log")]
+              session.Step("quick", 1, [_sleep(0.2)], 30, tmp_path / "quick.log"),
+              session.Step("orphan", 1, [[sys.executable, "-c", _ORPHAN.format(tmp_path / "orphan.pid")]], 30,
+                           tmp_path / "orphan.log"),
+              session.Step("needs-nobody", 1, [_sleep(0)], 30, tmp_path / "nb.log", after="nobody")]
     start = time.monotonic()
     session._run_steps(phase1, results, dict(session.os.environ), start + 30, True, log)
     assert time.monotonic() - start < 20  # the sleeper was killed at its 1 s limit
@@ -66,13 +90,37 @@ def test_scheduler_limits_dependencies_and_deadline(tmp_path: Path) -> None:
     assert (tmp_path / "fails.log").read_text().count("# exit") == 2
     assert "skipped" in results["needs-fails"]
     assert results["needs-quick"]["rc"] == 0 and results["quick"]["rc"] == 0
+    assert "skipped" in results["needs-nobody"]
+    # a background child of a command that ended normally goes with its process group
+    pid = int((tmp_path / "orphan.pid").read_text())
+    time.sleep(0.2)
+    assert not _alive(pid)
     # phase 2: one at a time; a step that needs more than is left is skipped, the deadline stops the one running
     phase2 = [session.Step("a", 2, [_sleep(60)], 100, tmp_path / "a.log", min_s=0.5),
               session.Step("b", 2, [_sleep(0)], 100, tmp_path / "b.log", min_s=5.0)]
     start = time.monotonic()
     session._run_steps(phase2, results, dict(session.os.environ), start + 1.5, False, log)
-    assert results["a"]["timed_out"]
+    assert results["a"]["timed_out"] and results["a"]["killed"] == "at the deadline"
+    assert session._state(results["a"]).startswith("TIMED OUT")
     assert "skipped" in results["b"]
+
+
+def test_pack_keeps_what_comes_back(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    for name in ("session.json", "tests.log", "rssm/bench_rssm.json", "rssm/bench_rssm.partial.json",
+                 "rollout/bench_rollout.partial.json", "stray.txt", "a/b/c/deep.json"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(name)
+    (work / "logs").mkdir(parents=True)
+    (work / "logs" / "x.log").write_text("log")
+    session._pack(out, work, session._Log(work / "logs" / "session.log"))
+    kept = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert kept == ["extra.tar.gz", "rollout/bench_rollout.partial.json", "rssm/bench_rssm.json", "session.json",
+                    "tests.log"]
+    with tarfile.open(out / "extra.tar.gz") as tar:
+        names = tar.getnames()
+    assert {"logs/x.log", "out/stray.txt", "out/a/b/c/deep.json", "out/rssm/bench_rssm.partial.json"} <= set(names)
+    assert session.out_files(out)[1] == []
 
 
 def test_out_files_counts_what_a_device_call_brings_back(tmp_path: Path) -> None:
@@ -134,6 +182,44 @@ def test_tune_checks_its_options() -> None:
     split = [v for v in tune.variants_for("observe") if tune._chosen(v, True, ("split",))]
     assert split and all(v.feature_split for v in split)
     assert not any(tune._chosen(v, False, ("split",)) for v in tune.variants_for("observe"))
+    same = [v.name for v in tune.variants_for("observe") if tune.same_as_default(v)]
+    assert "default" in same and not any(v.startswith("split") or v == "ptxas-regs" for v in same)
+
+
+def test_tune_times_the_split_last_and_keeps_partial_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastwm.kernels import observe
+
+    seen: list[tuple[str, int]] = []
+
+    def cases(device, quick):
+        for name in ("a", "b"):
+            fields = {"B": 4, "deter": 32, "hidden": 32}
+
+            def build(name=name):
+                seen.append((name, observe.FEATURE_SPLIT))
+                if observe.LOOP_BLOCK_N == 64:
+                    raise RuntimeError("this tile fails")
+                return lambda: None
+            yield "observe", name, fields, build
+
+    monkeypatch.setattr(tune, "_cases", cases)
+    partial = tmp_path / "tune.partial.json"
+    rows = tune.run(torch.device("cpu"), True, ("observe",), partial=partial, meta={"device": "x"})
+    split_at = [i for i, (_, p) in enumerate(seen) if p]
+    assert split_at and min(split_at) > max(i for i, (_, p) in enumerate(seen) if not p)  # every split one last
+    assert any("error" in r for r in rows)
+    on_disk = json.loads(partial.read_text())
+    assert len(on_disk) == len(rows) and all(r["device"] == "x" for r in on_disk)
+    ratios = [r["speedup_vs_default"] for r in rows if r["variant"] == "default"]
+    assert ratios == [1.0, 1.0]
+    # warm mode runs each (case, variant) once, but none that launches what the default does; its rows: failures
+    seen.clear()
+    warm = harness.parse_shard("0/1")
+    failures = tune.run(torch.device("cpu"), True, ("observe",), warm=warm)
+    n_variants = len(tune.variants_for("observe"))
+    n_same = sum(tune.same_as_default(v) for v in tune.variants_for("observe")) - 1  # the default itself is warmed
+    assert len(seen) == 2 * (n_variants - n_same) and warm.warmed + len(failures) == len(seen)
+    assert failures and all("error" in r for r in failures)
 
 
 def test_smoke_session_on_the_cpu(tmp_path: Path) -> None:
@@ -144,8 +230,10 @@ def test_smoke_session_on_the_cpu(tmp_path: Path) -> None:
     assert {n: r["rc"] for n, r in summary["steps"].items()} == {"tests": 0, "warm-0": 0, "warm-1": 0, "rssm": 0}
     files, problems = session.out_files(out)
     assert problems == [] and summary["out_problems"] == []
+    assert sorted(str(p.relative_to(out)) for p in files) == ["extra.tar.gz", "rssm/bench_rssm.json", "session.json",
+                                                              "tests.log"]
     rows = json.loads((out / "rssm" / "bench_rssm.json").read_text())
     assert {r["provider"] for r in rows} == {"eager", "fastwm"}
     with tarfile.open(out / "extra.tar.gz") as tar:
-        assert "logs/warm-0.log" in tar.getnames()
+        assert {"logs/warm-0.log", "logs/session.log"} <= set(tar.getnames())
     assert "passed" in (out / "tests.log").read_text()
