@@ -18,6 +18,7 @@ toolkit; TRITON_INTERPRET must not be set (the interpreter never compiles).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -151,6 +152,75 @@ def _rollout_tiles(open_loop: tuple[int, int, int], closed_loop: tuple[int, int,
         rollout._rollout_tiles = saved
 
 
+@contextmanager
+def _as_gpu(sms: int = 132) -> Iterator[None]:
+    """Launch-size choices as a GPU of ``sms`` multiprocessors (an H100 / H200: 132) makes them: the rollout's row
+    block and tiles, and observe's feature-split programs, instead of the CPU's (16 rows, no split)."""
+    import triton
+
+    from fastwm.kernels import observe, rollout
+
+    saved = rollout._rollout_tiles, observe.split_programs
+
+    def tiles(n: int, device, closed_loop: bool, narrow: bool = False) -> tuple[int, int, int]:
+        for t in rollout._tile_candidates(closed_loop, narrow):
+            if triton.cdiv(n, t[0]) >= sms:
+                return t
+        return rollout._SMALL_TILES
+
+    def programs(bsz: int, d: int, hd: int, device, cap: int | None = None) -> int:
+        cap = observe.FEATURE_SPLIT if cap is None else cap
+        if cap < 2 or bsz == 0:
+            return 1
+        p = min(cap, triton.cdiv(max(d, hd), observe.LOOP_BLOCK_N), sms // triton.cdiv(bsz, observe.BLOCK_M))
+        return p if p >= 2 else 1
+
+    rollout._rollout_tiles, observe.split_programs = tiles, programs
+    try:
+        yield
+    finally:
+        rollout._rollout_tiles, observe.split_programs = saved
+
+
+def _session_scenarios() -> Iterator[tuple[str, Callable[[], None]]]:
+    """(name, thunk): what ``benchmarks.session`` times on a GPU, at its full sizes: the fastwm and recompute cases
+    of bench observe, the rollout cases (imagine, imagine_return, CEM) and every tune variant, bf16 and fp32."""
+    import torch
+
+    from . import bench_rollout, bench_rssm, tune
+    from .harness import _Warm
+
+    cpu = torch.device("cpu")
+    dtypes = (torch.bfloat16, torch.float32)
+
+    def observe(dt: torch.dtype) -> None:
+        for size in (bench_rssm.size_for(n) for n in bench_rssm.SIZES):
+            for mode in bench_rssm.MODES:
+                for provider in ("fastwm", "recompute"):
+                    bench_rssm.build_case("observe", mode, provider, size, dt, cpu).fn()
+
+    def rollout(dt: torch.dtype) -> None:
+        hidden = bench_rollout.reward_hidden_for(False)
+        for size in (bench_rssm.size_for(n) for n in bench_rssm.SIZES):
+            for benchmark in ("imagine", "imagine_return"):
+                for n in (1000, 10000):
+                    bench_rollout.build_case(benchmark, "fastwm", size, n, 15, dt, cpu, reward_hidden=hidden).fn()
+        for beliefs in bench_rollout.FULL_BELIEFS:
+            bench_rollout.build_cem_case("fastwm", bench_rssm.size_for("planet"), bench_rollout.cem_settings(beliefs),
+                                         dt, cpu, reward_hidden=hidden).fn()
+
+    def tune_all(dt: torch.dtype) -> None:
+        failed = tune.run(cpu, False, tune.KINDS, warm=_Warm(), dtypes=(dt,))
+        if failed:
+            raise RuntimeError("; ".join(f"{r['case']} {r['variant']}: {r['error'][:200]}" for r in failed))
+
+    for dt in dtypes:
+        name = str(dt).removeprefix("torch.")
+        yield f"session observe {name}", lambda dt=dt: observe(dt)
+        yield f"session rollout {name}", lambda dt=dt: rollout(dt)
+        yield f"session tune {name}", lambda dt=dt: tune_all(dt)
+
+
 def _resources(cubin: bytes, tool: str) -> tuple[int | None, int | None, int | None]:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
@@ -242,8 +312,9 @@ def _scenarios(dtypes: tuple[str, ...], cells: tuple[str, ...],
 
 def compile_all(arch: int = 90, dtypes: tuple[str, ...] = DTYPES, cells: tuple[str, ...] = CELLS,
                 sizes: tuple[tuple[int, int, int], ...] = SIZES, log: Callable[[str], None] | None = None,
-                ) -> tuple[list[CompiledVariant], list[tuple[str, str]]]:
-    """Compile every kernel variant the scenarios reach; returns (variants, failures as (scenario, error))."""
+                session: bool = False) -> tuple[list[CompiledVariant], list[tuple[str, str]]]:
+    """Compile every kernel variant the scenarios reach (``session``: instead, those of the GPU session, with a GPU's
+    launch-size choices); returns (variants, failures as (scenario, error))."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("benchmarks.aot compiles kernels: unset TRITON_INTERPRET (the interpreter never compiles)")
     import torch
@@ -269,8 +340,9 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = DTYPES, cells: tuple[s
     validate = fastwm.get_validate_args()
     fastwm.set_validate_args(False)  # the outputs of a compile-only launch hold no values
     try:
-        with _compile_only(arch, record), fastwm.backend("triton"):
-            for name, thunk in _scenarios(dtypes, cells, sizes):
+        scenarios = _session_scenarios() if session else _scenarios(dtypes, cells, sizes)
+        with _compile_only(arch, record), fastwm.backend("triton"), _as_gpu() if session else contextlib.nullcontext():
+            for name, thunk in scenarios:
                 current[0] = name
                 if log is not None:
                     log(name)
@@ -293,17 +365,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["/".join(map(str, s)) for s in SIZES],
                         help="stoch/deter/hidden triples (default: %(default)s)")
     parser.add_argument("--json", default=None, help="write the variants and failures here")
+    parser.add_argument("--session", action="store_true",
+                        help="compile what benchmarks.session times on a GPU instead (bench observe and rollout at "
+                        "their full sizes, every tune variant; bf16 and fp32), with an H100's launch-size choices: "
+                        "whether each compiles, its registers and spills, and the compile seconds phase 1 must hold")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     sizes = tuple(tuple(int(x) for x in s.split("/")) for s in args.sizes)
     variants, failures = compile_all(args.arch, tuple(args.dtypes), tuple(args.cells), sizes,
-                                     log=None if args.quiet else print)
+                                     log=None if args.quiet else print, session=args.session)
     # Spilled registers land in the stack frame; a seeded (in-kernel Philox) draw leaves a 32-byte frame by itself.
     spilling = sorted((v for v in variants if (v.stack_bytes or 0) > SPILL_FREE_STACK or v.local_bytes),
                       key=lambda v: -(v.stack_bytes or 0))
     capped = sum(v.registers == 255 for v in variants)
-    print(f"sm_{args.arch}: {len(variants)} kernel variants compiled in {time.perf_counter() - start:.0f} s, "
+    print(f"sm_{args.arch}: {len(variants)} kernel variants compiled in {time.perf_counter() - start:.0f} s "
+          f"({sum(v.seconds for v in variants):.0f} s of compilation), "
           f"{len(failures)} scenario(s) failed, {capped} at the 255-register cap, {len(spilling)} with a stack "
           f"frame over {SPILL_FREE_STACK} bytes (register spills)")
     for v in spilling[:8]:
@@ -319,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"arch": f"sm_{args.arch}", "device": "none: compiled on the CPU for the target, never run",
                 "torch": torch.__version__, "triton": triton.__version__, "commit": _git_commit(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "dtypes": args.dtypes,
-                "cells": args.cells, "sizes": args.sizes}
+                "cells": args.cells, "sizes": args.sizes, "session": args.session}
         with open(args.json, "w") as f:
             json.dump({**meta, "variants": [asdict(v) for v in variants],
                        "failures": [{"scenario": s, "error": e} for s, e in failures]}, f, indent=1)

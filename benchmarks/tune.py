@@ -115,11 +115,14 @@ def same_as_default(v: Variant) -> bool:
         return _settings() == before
 
 
-def _cases(device: torch.device, quick: bool) -> Iterator[tuple[str, str, dict[str, Any], Any]]:
-    """(kind, name, row fields, builder): builder() returns the zero-argument callable that runs the case once."""
+def _cases(device: torch.device, quick: bool,
+           dtypes: tuple[torch.dtype, ...] | None = None) -> Iterator[tuple[str, str, dict[str, Any], Any]]:
+    """(kind, name, row fields, builder): builder() returns the zero-argument callable that runs the case once.
+    ``dtypes``: default bfloat16 and float32 on cuda, float32 on the CPU."""
     from . import bench_rollout, bench_rssm
 
-    dtypes = [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float32]
+    if dtypes is None:
+        dtypes = (torch.float32,) if device.type == "cpu" else (torch.bfloat16, torch.float32)
     for dtype in dtypes:
         dn = str(dtype).removeprefix("torch.")
         for size_name, mode in (("dreamerv3", "fwd_bwd"), ("planet", "fwd_bwd"), ("dreamerv3", "fwd")):
@@ -156,7 +159,8 @@ def _chosen(v: Variant, split: bool, prefixes: tuple[str, ...] | None) -> bool:
 
 def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool = True,
         warm: _Warm | None = None, partial: Path | None = None,
-        prefixes: tuple[str, ...] | None = None, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        prefixes: tuple[str, ...] | None = None, meta: dict[str, Any] | None = None,
+        dtypes: tuple[torch.dtype, ...] | None = None) -> list[dict[str, Any]]:
     """Time every variant of every case (without ``split``, none of the feature-split ones; with ``prefixes``, those
     whose names start with one of them, the default always included when timing: the ratios are to it); rows carry
     median / p20 / p80 ms and the ratio to the default's median. With ``warm``, only that shard's (case, variant)
@@ -169,7 +173,7 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool =
     from .harness import _sync, time_fn
 
     rows: list[dict[str, Any]] = []
-    cases = [c for c in _cases(device, quick) if c[0] in kinds]
+    cases = [c for c in _cases(device, quick, dtypes) if c[0] in kinds]
     base: dict[str, float] = {}
 
     def keep(row: dict[str, Any]) -> None:

@@ -7,23 +7,33 @@ so that multi-step imagination is trained too (Hafner et al. 2019, section 4; go
 
     L_os = mean over d in 2..D and the batch of  mean over t of  f(KL(sg(q_t) || p_d(z_t)))
 
-where p_d(z_t) starts from the state before step t - d + 1 (the posterior at t - d, or the initial state at a
-sequence's start) and applies the prior step d times with the actions a_{t-d+1}, ..., a_t, sampling each step's
-latent from its prior; f is the free-nats rule of the one-step term, applied to each (t, d) term before the means:
-max(0, KL - free) (``mode="shifted"``, google-research/planet's current code, as its one-step KL) or max(free, KL)
-(``mode="per_step"``, its first release). The two differ by the constant ``free`` for the terms above the floor and
-have the same gradient. ``sg`` stops the gradient into the target posterior (PlaNet's ``os_stop_posterior_grad``,
+where p_d(z_t) starts from the state before step t - d + 1, as observe saw it (the posterior at t - d; the given
+initial state before step 0; :meth:`RSSM.initial` at a reset), and applies the prior step d times with the actions
+a_{t-d+1}, ..., a_t, sampling each step's latent from its prior; f is the free-nats rule of the one-step term, applied
+to each (t, d) term before the means: max(0, KL - free) (``mode="shifted"``, google-research/planet's current code,
+as its one-step KL) or max(free, KL) (``mode="per_step"``, its first release). max(free, x) = free + max(0, x - free),
+so the two always differ by exactly ``free`` and have the same gradient. ``sg`` stops the gradient into the target posterior (PlaNet's ``os_stop_posterior_grad``,
 on by default there); the start of each open-loop rollout keeps its gradient, so the overshooting term trains the
 posterior that begins it as well as the prior steps. The d = 1 term is the ELBO's own KL and is not included: add
 ``scale * latent_overshooting_kl(...)`` to the sequence ELBO's loss (PlaNet's ``overshooting_scale``).
 
 Counting: PlaNet's ``overshooting_distance`` is ``distance`` here (its rollouts predict 2 to that many steps ahead;
 its first release's ``overshooting`` setting D' went to D' + 1). A rollout that would pass the end of the sequence or
-a reset (``is_first``) is left out, and each (sequence, d) pair is the mean over its valid t, as PlaNet's first
-release masked them; its current code computes that mask but leaves it out of the divergence and its mean.
+a reset (``is_first``) is left out.
 
-All B x T open-loop rollouts run as one batch through :meth:`fastwm.RSSM.imagine`: on the Triton backend each of the
-D steps is one fused prior-step kernel over B * T rows, forward and backward.
+Averaging: each (sequence, d) pair is the mean over its valid t, then the pairs are averaged, as PlaNet's first
+release did (there, each masked term also added ``free`` to the sum before the division by the valid count: a shift
+of the value, not the gradient, that fastwm leaves out). With T = D = 50 the longest distance, one valid t, weighs
+as much as d = 2 with its 49: a flat mean over every valid (b, t, d) would give it about 1/49 of that, so scales
+tuned for one reduction do not carry over to the other. PlaNet's current code takes a flat mean over all positions
+and does not apply the mask it computes (its padded targets have zero std), with the overshooting scale 0 by
+default.
+
+All rollouts run as one batch through :meth:`fastwm.RSSM.imagine`: min(D, T) prior steps over the B x T starts, each
+one fused prior-step kernel on the Triton backend, forward and backward (one launch for the whole horizon when no
+gradient is needed). Starts with no valid term (the last step, the step before a reset) run from the initial state,
+so that whatever they hold cannot reach the result or its gradient; about half of the B x T x K steps are discarded
+when D is near T.
 """
 
 from __future__ import annotations
@@ -31,8 +41,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import check_float
+from ._validation import check_values, get_validate_args
 from .gaussian import gaussian_kl
+from .kl import _check_scalar
 from .rssm import RSSM, State
 
 __all__ = ["OVERSHOOTING_MODES", "latent_overshooting_kl", "overshooting_rollouts"]
@@ -62,6 +73,11 @@ def _check(rssm: object, post: object, action: object, distance: object) -> tupl
         got = list(action.shape) if isinstance(action, Tensor) else type(action).__name__
         raise ValueError(f"action must have shape [{b}, {t_len}, {rssm.action_dim}] (the action that led to each "
                          f"step, as observe takes it), got {got}")
+    like = rssm._like()
+    for name, part in (*zip((f"post.{n}" for n in State._fields), post), ("action", action)):
+        if part.dtype != like.dtype or part.device != like.device:
+            raise TypeError(f"{name} must be {like.dtype} on {like.device} (the RSSM's parameters), got "
+                            f"{part.dtype} on {part.device}")
     if isinstance(distance, bool) or not isinstance(distance, int) or distance < 2:
         raise ValueError(f"distance must be an int >= 2 (the longest open-loop prediction, in steps; 1 is the ELBO's "
                          f"own KL), got {distance!r}")
@@ -76,35 +92,22 @@ def _first(is_first: object, b: int, t_len: int, device: torch.device) -> Tensor
         raise ValueError(f"is_first must have shape [{b}, {t_len}], got {got}")
     if is_first.device != device:
         raise ValueError(f"is_first must be on {device}, got {is_first.device}")
+    if is_first.dtype == torch.bool:
+        return is_first
     if is_first.is_complex():
         raise TypeError(f"is_first must be bool (or 0 / 1 as numbers), got {is_first.dtype}")
+    if get_validate_args() and not torch.compiler.is_compiling() and not bool(
+            ((is_first == 0) | (is_first == 1)).all()):
+        raise ValueError("is_first must hold only 0 and 1 (or be bool), found other values")
     return is_first != 0
 
 
-def overshooting_rollouts(rssm: RSSM, post: State, action: Tensor, *, distance: int, is_first: Tensor | None = None,
-                          state: State | None = None, noise: Tensor | None = None,
-                          generator: torch.Generator | None = None) -> tuple[State, Tensor]:
-    """The open-loop priors of latent overshooting, from every step of a filtered sequence at once.
-
-    Args:
-        rssm: the model that filtered the sequence.
-        post: the posterior States [B, T, ...] of :meth:`RSSM.observe`.
-        action: [B, T, A], ``action[:, t]`` the action that led to step t (as observe takes it).
-        distance: K = min(distance, T) prior steps are rolled from each start.
-        is_first: [B, T] resets, as given to observe (a start at a reset is the initial state, with its action
-            zeroed, as observe does).
-        state: the state before step 0 (:meth:`RSSM.initial` when None), as given to observe.
-        noise: [B, T, K, S] the prior samples' noise (drawn when None; ``generator`` draws it).
-
-    Returns:
-        (prior, valid): ``prior`` a State with [B, T, K, ...] fields, ``prior[:, t, k - 1]`` the prior of step
-        t + k - 1 after k open-loop steps from the state before step t (k = 1 is the usual one-step prior);
-        ``valid`` [B, T, K] bool, False where step t + k - 1 lies past the sequence's end or a reset falls in
-        t + 1 .. t + k - 1.
-    """
+def _args(rssm: object, post: object, action: object, distance: object, is_first: object, state: object,
+          noise: object) -> tuple[State, Tensor, int, int, int, Tensor, State]:
+    """Every argument checked: (post, action, B, T, K, is_first as bool [B, T], the state before step 0)."""
     post, b, t_len, distance = _check(rssm, post, action, distance)
-    device = post.stoch.device
-    first = _first(is_first, b, t_len, device)
+    assert isinstance(rssm, RSSM) and isinstance(action, Tensor)
+    first = _first(is_first, b, t_len, post.stoch.device)
     k_len = min(distance, t_len)
     init = rssm.initial(b) if state is None else rssm._check_state(state)
     if init.stoch.shape[0] != b:
@@ -114,10 +117,28 @@ def overshooting_rollouts(rssm: RSSM, post: State, action: Tensor, *, distance: 
             got = list(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
             raise ValueError(f"noise must have shape [{b}, {t_len}, {k_len}, {rssm.stoch}] (B, T, min(distance, T), "
                              f"S), got {got}")
-    # The state before each step: the posterior of the step before, the initial state at step 0 and at resets.
+        like = rssm._like()
+        if noise.dtype != like.dtype or noise.device != like.device:
+            raise TypeError(f"noise must be {like.dtype} on {like.device}, got {noise.dtype} on {noise.device}")
+    check_values({"post.deter": post.deter, "post.stoch": post.stoch, "post.mean": post.mean, "action": action,
+                  "noise": noise}, {"post.std": post.std})
+    return post, action, b, t_len, k_len, first, init
+
+
+def _rollouts(rssm: RSSM, post: State, action: Tensor, first: Tensor, init: State, k_len: int, noise: Tensor | None,
+              generator: torch.Generator | None, used: Tensor | None = None) -> tuple[State, Tensor]:
+    """overshooting_rollouts on checked arguments; ``used`` [B, T] bool: the other starts run from the initial state
+    (their outputs are not to be used)."""
+    b, t_len = post.stoch.shape[:2]
+    device = post.stoch.device
+    reset = rssm.initial(b)
+    # The state before each step, as observe saw it: the posterior of the step before, the given state before step
+    # 0, RSSM.initial at a reset (the given state included).
     keep = ~first[..., None]
-    prev = State(*(torch.where(keep, torch.cat([i[:, None], p[:, :-1]], dim=1), i[:, None].expand_as(p))
-                   for i, p in zip(init, post)))
+    prev = State(*(torch.where(keep, torch.cat([i[:, None], p[:, :-1]], dim=1), r[:, None].expand_as(p))
+                   for i, r, p in zip(init, reset, post)))
+    if used is not None:
+        prev = State(*(torch.where(used[..., None], p, r[:, None].expand_as(p)) for r, p in zip(reset, prev)))
     # Step k of the rollout from t takes action[t + k - 1] (zeroed at a reset start, as observe does).
     steps = torch.arange(t_len, device=device)[:, None] + torch.arange(k_len, device=device)  # [T, K]
     idx = steps.clamp(max=t_len - 1)
@@ -131,6 +152,31 @@ def overshooting_rollouts(rssm: RSSM, post: State, action: Tensor, *, distance: 
     prior = rssm.imagine(acts.reshape(n, k_len, rssm.action_dim), starts,
                          None if noise is None else noise.reshape(n, k_len, rssm.stoch), generator=generator)
     return State(*(p.reshape(b, t_len, k_len, p.shape[-1]) for p in prior)), valid
+
+
+def overshooting_rollouts(rssm: RSSM, post: State, action: Tensor, *, distance: int, is_first: Tensor | None = None,
+                          state: State | None = None, noise: Tensor | None = None,
+                          generator: torch.Generator | None = None) -> tuple[State, Tensor]:
+    """The open-loop priors of latent overshooting, from every step of a filtered sequence at once.
+
+    Args:
+        rssm: the model that filtered the sequence.
+        post: the posterior States [B, T, ...] of :meth:`RSSM.observe`.
+        action: [B, T, A], ``action[:, t]`` the action that led to step t (as observe takes it).
+        distance: K = min(distance, T) prior steps are rolled from each start.
+        is_first: [B, T] resets, as given to observe (a start at a reset is :meth:`RSSM.initial`, with its action
+            zeroed, as observe does).
+        state: the state before step 0 (:meth:`RSSM.initial` when None), as given to observe.
+        noise: [B, T, K, S] the prior samples' noise (drawn when None; ``generator`` draws it).
+
+    Returns:
+        (prior, valid): ``prior`` a State with [B, T, K, ...] fields, ``prior[:, t, k - 1]`` the prior of step
+        t + k - 1 after k open-loop steps from the state before step t (k = 1 is observe's own prior, given the
+        same noise); ``valid`` [B, T, K] bool, False where step t + k - 1 lies past the sequence's end or a reset
+        falls in t + 1 .. t + k - 1.
+    """
+    post, action, _, _, k_len, first, init = _args(rssm, post, action, distance, is_first, state, noise)
+    return _rollouts(rssm, post, action, first, init, k_len, noise, generator)
 
 
 def latent_overshooting_kl(rssm: RSSM, post: State, action: Tensor, *, distance: int,
@@ -156,28 +202,31 @@ def latent_overshooting_kl(rssm: RSSM, post: State, action: Tensor, *, distance:
         the mean over the valid steps t of the floored KL(q_t || p_d(z_t)); pairs with no valid step are left out
         of the mean, and with none at all (T < 2) the result is 0.
     """
-    free = check_float("free_nats", free_nats)
-    if free < 0:
-        raise ValueError(f"free_nats must be >= 0, got {free}")
+    free = _check_scalar("free_nats", free_nats)
     if mode not in OVERSHOOTING_MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, OVERSHOOTING_MODES))}, got {mode!r}")
     if not isinstance(stop_posterior_grad, bool):
         raise TypeError(f"stop_posterior_grad must be a bool, got {type(stop_posterior_grad).__name__}")
-    post, b, t_len, distance = _check(rssm, post, action, distance)
+    post, action, b, t_len, k_len, first, init = _args(rssm, post, action, distance, is_first, state, noise)
     kl_dtype = torch.float64 if post.stoch.dtype == torch.float64 else torch.float32
-    if t_len < 2:
+    if t_len < 2:  # no prediction of two steps or more has a target
         return post.stoch.new_zeros((), dtype=kl_dtype)
-    prior, valid = overshooting_rollouts(rssm, post, action, distance=distance, is_first=is_first, state=state,
-                                         noise=noise, generator=generator)
-    k_len = prior.stoch.shape[2]
+    # A start is used when its rollout has a valid term of k >= 2: not the last step, nor the step before a reset.
+    used = torch.zeros_like(first)
+    used[:, :-1] = ~first[:, 1:]
+    prior, valid = _rollouts(rssm, post, action, first, init, k_len, noise, generator, used)
+    device = post.stoch.device
     # Targets: the posterior at step t + k - 1, for k = 2..K.
-    idx = (torch.arange(t_len, device=post.stoch.device)[:, None]
-           + torch.arange(1, k_len, device=post.stoch.device)).clamp(max=t_len - 1)  # [T, K - 1]
-    q_mean, q_std = post.mean[:, idx], post.std[:, idx]
+    idx = (torch.arange(t_len, device=device)[:, None] + torch.arange(1, k_len, device=device)).clamp(max=t_len - 1)
+    q_mean, q_std = post.mean[:, idx], post.std[:, idx]  # [B, T, K - 1, S]
     if stop_posterior_grad:
         q_mean, q_std = q_mean.detach(), q_std.detach()
-    kl = gaussian_kl(q_mean, q_std, prior.mean[:, :, 1:], prior.std[:, :, 1:])  # [B, T, K - 1]
     valid = valid[:, :, 1:]
+    ok = valid[..., None]
+    # The invalid terms get harmless stand-ins before the KL: nothing they hold reaches the value or the gradient.
+    p_mean, p_std = prior.mean[:, :, 1:], prior.std[:, :, 1:]
+    kl = gaussian_kl(torch.where(ok, q_mean, torch.zeros_like(q_mean)), torch.where(ok, q_std, torch.ones_like(q_std)),
+                     torch.where(ok, p_mean, torch.zeros_like(p_mean)), torch.where(ok, p_std, torch.ones_like(p_std)))
     floored = torch.clamp(kl, min=free) if mode == "per_step" else torch.clamp(kl - free, min=0.0)
     floored = torch.where(valid, floored, torch.zeros_like(floored))
     count = valid.sum(dim=1)  # [B, K - 1]: valid steps per (sequence, distance)

@@ -37,6 +37,7 @@ def _inputs(m: fastwm.RSSM, g: torch.Generator, k: int, dtype, device="cpu"):
     start = State(randn(B, m.deter), randn(B, S), randn(B, S), 0.5 + randn(B, S).abs())
     first = torch.zeros(B, T, dtype=torch.bool, device=device)
     first[0, 3] = True  # a reset in the middle of sequence 0
+    first[1, 0] = True  # one at the start, where a given state is replaced
     first[2, 1] = True
     first[2, 2] = True  # two in a row
     return post, randn(B, T, A), first, start, randn(B, T, k, S)
@@ -47,7 +48,9 @@ def _loop(m, post, action, distance, first, start, free, noise, stop_grad=True, 
     terms: dict[tuple[int, int], list[torch.Tensor]] = {}
     for b in range(B):
         for t in range(T):
-            if t == 0 or first[b, t]:
+            if first[b, t]:  # observe resets to RSSM.initial, whatever state it was given
+                s = m.initial(1)
+            elif t == 0:
                 s = State(*(x[b:b + 1] for x in start))
             else:
                 s = State(*(x[b:b + 1, t - 1] for x in post))
@@ -93,8 +96,7 @@ def test_matches_the_loop_values_and_gradients(cfg, stop_grad, mode):
                                                       noise=noise)
             else:
                 value = _loop(m, p, a, distance, first, s0, 0.4, noise, stop_grad, mode)
-        weights = torch.linspace(0.5, 2.0, 1, dtype=torch.float64)  # an upstream gradient that is not one
-        (value * weights).sum().backward()
+        (0.7 * value).backward()  # an upstream gradient that is not one
         grads.append((value.detach(), [x.grad for x in (*p, *s0, a)],
                       {n: q.grad for n, q in m.named_parameters()}))
     (v, g_in, g_par), (v_ref, g_in_ref, g_par_ref) = grads
@@ -138,6 +140,69 @@ def test_triton_backend_matches_the_float64_loop(device, dtype, cfg, poison):
             assert q.grad is None, name
         else:
             assert_close(q.grad, q64.grad, dtype, f"{name} grad")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_one_step_rollouts_are_observes_priors(cfg):
+    # k = 1 from the state before each step is observe's prior, given state, resets at t = 0 and mid-sequence included
+    m = _model(torch.float64, **cfg)
+    g = torch.Generator().manual_seed(5)
+    _, action, first, start, noise = _inputs(m, g, 3, torch.float64)
+    embed = torch.randn(B, T, 5, generator=g, dtype=torch.float64)
+    with fastwm.backend("reference"):
+        post, prior = m.observe(embed, action, first, state=start, prior_noise=noise[:, :, 0])
+        os_prior, valid = fastwm.overshooting.overshooting_rollouts(m, post, action, distance=3, is_first=first,
+                                                                     state=start, noise=noise)
+    for name, a, e in zip(State._fields, os_prior, prior):
+        torch.testing.assert_close(a[:, :, 0], e, rtol=1e-12, atol=1e-12, msg=name)
+    assert valid[:, :, 0].all()
+    assert not valid[0, 1, 2] and not valid[0, 2, 1] and valid[0, 3, 2]  # the reset at 3 ends rollouts before it
+    assert not valid[:, T - 1, 1:].any() and not valid[:, T - 2, 2].any()  # the sequence's end
+
+
+def test_small_shapes_and_numeric_is_first():
+    for b, t in ((1, 2), (2, 3)):
+        m = _model(torch.float64)
+        g = torch.Generator().manual_seed(6)
+        post = State(*(torch.randn(b, t, w, generator=g, dtype=torch.float64) for w in (m.deter, S, S, S)))
+        post = post._replace(std=post.std.abs() + 0.2)
+        action = torch.randn(b, t, A, generator=g, dtype=torch.float64)
+        noise = torch.randn(b, t, min(4, t), S, generator=g, dtype=torch.float64)
+        first = torch.zeros(b, t, dtype=torch.bool)
+        with fastwm.backend("reference"):
+            value = fastwm.latent_overshooting_kl(m, post, action, distance=4, free_nats=0.0, noise=noise,
+                                                  is_first=first.to(torch.int64))
+            global B, T
+            saved = B, T
+            B, T = b, t
+            try:
+                ref = _loop(m, post, action, 4, first, m.initial(b), 0.0, noise)
+            finally:
+                B, T = saved
+        torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_invalid_starts_cannot_poison_the_gradient():
+    # the start of the last step, and the one before a reset, have no term: infinities there change nothing
+    m = _model(torch.float64)
+    post, action, first, start, noise = _inputs(m, torch.Generator().manual_seed(7), 3, torch.float64)
+    results = []
+    for poison in (False, True):
+        p = State(*(x.clone() for x in post))
+        if poison:
+            for part in (p.deter, p.stoch):
+                part[:, T - 2] = float("inf")  # starts the rollout from T - 1
+                part[0, 1] = float("inf")  # starts the rollout from 2, before the reset at 3
+        p = State(*(x.requires_grad_() for x in p))
+        m.zero_grad()
+        with fastwm.backend("reference"):
+            value = fastwm.latent_overshooting_kl(m, p, action, distance=3, is_first=first, state=start, noise=noise)
+        value.backward()
+        results.append((value.detach(), [q.grad.clone() for q in m.parameters() if q.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, e in zip(results[1][1], results[0][1]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e)
 
 
 def test_distances_sequence_end_and_seeded_noise():
@@ -192,6 +257,23 @@ def test_bad_arguments_are_named():
         call(m, post, action, distance=3, free_nats=-1.0)
     with pytest.raises(TypeError, match="free_nats"):
         call(m, post, action, distance=3, free_nats="3")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="free_nats"):
+            call(m, post, action, distance=3, free_nats=bad)
+    with pytest.raises(TypeError, match="action must be torch.float32"):
+        call(m, post, action.double(), distance=3)
+    with pytest.raises(ValueError, match="noise"):  # checked at T = 1 too, where nothing is computed
+        call(m, State(*(x[:, :1] for x in post)), action[:, :1], distance=3, noise=torch.zeros(9))
+    fastwm.set_validate_args(True)
+    try:
+        with pytest.raises(ValueError, match="is_first must hold only 0 and 1"):
+            call(m, post, action, distance=3, is_first=first.to(torch.int64) * 2)
+        bad_post = State(post.deter, post.stoch, post.mean.clone(), post.std)
+        bad_post.mean[0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match="post.mean"):
+            call(m, bad_post, action, distance=3)
+    finally:
+        fastwm.set_validate_args(False)
     with pytest.raises(ValueError, match="mode"):
         call(m, post, action, distance=3, mode="mean")
     with pytest.raises(TypeError, match="stop_posterior_grad"):

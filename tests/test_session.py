@@ -191,7 +191,7 @@ def test_tune_times_the_split_last_and_keeps_partial_rows(tmp_path: Path, monkey
 
     seen: list[tuple[str, int]] = []
 
-    def cases(device, quick):
+    def cases(device, quick, dtypes=None):
         for name in ("a", "b"):
             fields = {"B": 4, "deter": 32, "hidden": 32}
 
