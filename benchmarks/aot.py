@@ -145,7 +145,7 @@ def _rollout_tiles(open_loop: tuple[int, int, int], closed_loop: tuple[int, int,
     from fastwm.kernels import rollout
 
     saved = rollout._rollout_tiles
-    rollout._rollout_tiles = lambda n, device, closed, narrow=False: closed_loop if closed else open_loop
+    rollout._rollout_tiles = lambda n, device, closed, narrow=False, reward=False: closed_loop if closed else open_loop
     try:
         yield
     finally:
@@ -162,8 +162,8 @@ def _as_gpu(sms: int = 132) -> Iterator[None]:
 
     saved = rollout._rollout_tiles, observe.split_programs
 
-    def tiles(n: int, device, closed_loop: bool, narrow: bool = False) -> tuple[int, int, int]:
-        for t in rollout._tile_candidates(closed_loop, narrow):
+    def tiles(n: int, device, closed_loop: bool, narrow: bool = False, reward: bool = False) -> tuple[int, int, int]:
+        for t in rollout._tile_candidates(closed_loop, narrow, reward):
             if triton.cdiv(n, t[0]) >= sms:
                 return t
         return rollout._SMALL_TILES

@@ -200,17 +200,24 @@ def _rollout_kernel(
 # bf16 / fp16 take the same tiles where deter or hidden is not a multiple of 64: at 30/200/200 the 64- and 128-row
 # blocks spill 328-1,880 bytes per thread (GRU 720-1,224, LayerNorm GRU 1,144-1,880), 32 x 32 x 32 144-488 (GRU,
 # LayerNorm GRU), 32 x 16 x 16 none (GRU, no cell) or 88-104 (LayerNorm GRU). Only 200 and 512 were compiled.
+# A reward MLP in the kernel (imagine_return, the planners' return-only launch) also stops at 32 rows: bf16, LayerNorm
+# GRU at 32/512/512 with the bench's 2-layer reward MLP, 8 warps, sm_90: 296 bytes per thread on the stack at
+# 128 x 16 x 16, 320 at 64 x 32 x 32, none at 32 x 32 x 32 (benchmarks.aot --session, 2026-12-01).
 # Not yet timed on a GPU: benchmarks.tune times the tiles.
 _OPEN_LOOP_TILES = ((128, 16, 16), (64, 32, 32), (32, 32, 32))
 _FMA_TILES = ((32, 16, 16),)
 _CLOSED_LOOP_TILES = ((32, 32, 32),)
+_REWARD_TILES = ((32, 32, 32),)
 _SMALL_TILES = (16, 32, 16)
 
 
-def _tile_candidates(closed_loop: bool, narrow: bool) -> tuple[tuple[int, int, int], ...]:
+def _tile_candidates(closed_loop: bool, narrow: bool, reward: bool = False) -> tuple[tuple[int, int, int], ...]:
     """The tiles a GPU launch picks from when it has rows enough (biggest row block first); else ``_SMALL_TILES``.
-    ``narrow``: at most 32 rows (see :func:`_narrow`)."""
-    return _CLOSED_LOOP_TILES if closed_loop else _FMA_TILES if narrow else _OPEN_LOOP_TILES
+    ``narrow``: at most 32 rows (see :func:`_narrow`); ``reward``: a reward MLP runs in the kernel (at most 32
+    rows too)."""
+    if closed_loop:
+        return _CLOSED_LOOP_TILES
+    return _FMA_TILES if narrow else _REWARD_TILES if reward else _OPEN_LOOP_TILES
 
 
 def _narrow(dtype: torch.dtype, device: torch.device, d: int, hd: int) -> bool:
@@ -220,13 +227,14 @@ def _narrow(dtype: torch.dtype, device: torch.device, d: int, hd: int) -> bool:
     return fma or d % 64 != 0 or hd % 64 != 0
 
 
-def _rollout_tiles(n: int, device: torch.device, closed_loop: bool, narrow: bool = False) -> tuple[int, int, int]:
+def _rollout_tiles(n: int, device: torch.device, closed_loop: bool, narrow: bool = False,
+                   reward: bool = False) -> tuple[int, int, int]:
     """The row block and the product tiles of an n-row rollout: the biggest row block that still gives every SM a
     program, else 16 rows (tl.dot needs >= 16)."""
     if device.type != "cuda":
         return _SMALL_TILES
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    for tiles in _tile_candidates(closed_loop, narrow):
+    for tiles in _tile_candidates(closed_loop, narrow, reward):
         if triton.cdiv(n, tiles[0]) >= sms:
             return tiles
     return _SMALL_TILES
@@ -290,7 +298,7 @@ def rollout_fwd(
                buf((n, 3 * d)) if cell == 1 else x, buf((n,)), buf((n, hd)), buf((n,)), buf((n, hd)), buf((n, 2 * s)),
                buf((n, a_dim)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, width)), buf((n, 1))]
     narrow = _narrow(z0.dtype, z0.device, d, hd)
-    block_m, block_n, block_k = _rollout_tiles(n, z0.device, policy is not None, narrow)
+    block_m, block_n, block_k = _rollout_tiles(n, z0.device, policy is not None, narrow, reward is not None)
     _rollout_kernel[(triton.cdiv(n, block_m),)](
         z0, p(h0), p(actions), p(noise), p(seed),
         w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),

@@ -75,7 +75,7 @@ def test_bigger_row_blocks_match_reference(device, tiles, monkeypatch):
     # last block included.
     import fastwm.kernels.rollout as kernels
 
-    monkeypatch.setattr(kernels, "_rollout_tiles", lambda n, device, closed_loop, narrow=False: tiles)
+    monkeypatch.setattr(kernels, "_rollout_tiles", lambda n, device, closed_loop, narrow=False, reward=False: tiles)
     block_m = tiles[0]
     dtype = torch.float32
     m = _model(device, dtype, cell="layernorm_gru", norm=True)
@@ -194,3 +194,13 @@ def test_pack_mlp_accepts_plain_mlps_only():
     deep = [nn.Linear(f, 4)] + [m for _ in range(3) for m in (nn.ReLU(), nn.Linear(4, 4))]
     assert pack_mlp(nn.Sequential(*deep), f, 4) is None  # four Linear layers
     assert pack_mlp(lambda x: x, f, 1) is None
+
+
+def test_row_blocks_stop_at_32_rows_with_an_mlp_in_the_kernel():
+    # A policy or reward MLP in the loop spills above 32 rows in the sm_90 compile (kernels/rollout.py's notes).
+    from fastwm.kernels.rollout import _tile_candidates
+
+    for narrow in (False, True):
+        for closed, reward in ((True, False), (False, True), (True, True)):
+            assert max(t[0] for t in _tile_candidates(closed, narrow, reward)) <= 32, (narrow, closed, reward)
+    assert max(t[0] for t in _tile_candidates(False, False)) > 32  # imagination alone takes bigger blocks
