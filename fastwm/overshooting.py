@@ -12,8 +12,8 @@ initial state before step 0; :meth:`RSSM.initial` at a reset), and applies the p
 a_{t-d+1}, ..., a_t, sampling each step's latent from its prior; f is the free-nats rule of the one-step term, applied
 to each (t, d) term before the means: max(0, KL - free) (``mode="shifted"``, google-research/planet's current code,
 as its one-step KL) or max(free, KL) (``mode="per_step"``, its first release). max(free, x) = free + max(0, x - free),
-so the two always differ by exactly ``free`` and have the same gradient. ``sg`` stops the gradient into the target posterior (PlaNet's ``os_stop_posterior_grad``,
-on by default there); the start of each open-loop rollout keeps its gradient, so the overshooting term trains the
+so the two always differ by exactly ``free`` and have the same gradient. ``sg`` stops the gradient into the target
+posterior (PlaNet's ``os_stop_posterior_grad``, on by default there); the start of each open-loop rollout keeps its gradient, so the overshooting term trains the
 posterior that begins it as well as the prior steps. The d = 1 term is the ELBO's own KL and is not included: add
 ``scale * latent_overshooting_kl(...)`` to the sequence ELBO's loss (PlaNet's ``overshooting_scale``).
 
@@ -41,10 +41,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import check_values, get_validate_args
+from ._validation import check_values
 from .gaussian import gaussian_kl
 from .kl import _check_scalar
-from .rssm import RSSM, State
+from .rssm import RSSM, State, check_is_first
 
 __all__ = ["OVERSHOOTING_MODES", "latent_overshooting_kl", "overshooting_rollouts"]
 
@@ -52,7 +52,9 @@ __all__ = ["OVERSHOOTING_MODES", "latent_overshooting_kl", "overshooting_rollout
 OVERSHOOTING_MODES = ("shifted", "per_step")
 
 
-def _check(rssm: object, post: object, action: object, distance: object) -> tuple[State, int, int, int]:
+def _args(rssm: object, post: object, action: object, distance: object, is_first: object, state: object,
+          noise: object) -> tuple[State, Tensor, int, int, int, Tensor, State]:
+    """Every argument checked: (post, action, B, T, K, is_first as bool [B, T], the state before step 0)."""
     if not isinstance(rssm, RSSM):
         raise TypeError(f"rssm must be a fastwm.RSSM, got {type(rssm).__name__}")
     if not isinstance(post, State):
@@ -65,61 +67,20 @@ def _check(rssm: object, post: object, action: object, distance: object) -> tupl
         raise ValueError(f"post.stoch must have shape [B, T, {rssm.stoch}], got {got}")
     b, t_len = post.stoch.shape[:2]
     widths = {"deter": rssm.deter, "stoch": rssm.stoch, "mean": rssm.stoch, "std": rssm.stoch}
-    for name, part in zip(State._fields, post):
-        if not isinstance(part, Tensor) or tuple(part.shape) != (b, t_len, widths[name]):
-            got = list(part.shape) if isinstance(part, Tensor) else type(part).__name__
-            raise ValueError(f"post.{name} must have shape [{b}, {t_len}, {widths[name]}], got {got}")
-    if not isinstance(action, Tensor) or tuple(action.shape) != (b, t_len, rssm.action_dim):
-        got = list(action.shape) if isinstance(action, Tensor) else type(action).__name__
-        raise ValueError(f"action must have shape [{b}, {t_len}, {rssm.action_dim}] (the action that led to each "
-                         f"step, as observe takes it), got {got}")
-    like = rssm._like()
-    for name, part in (*zip((f"post.{n}" for n in State._fields), post), ("action", action)):
-        if part.dtype != like.dtype or part.device != like.device:
-            raise TypeError(f"{name} must be {like.dtype} on {like.device} (the RSSM's parameters), got "
-                            f"{part.dtype} on {part.device}")
+    post = State(*(rssm._check_input(f"post.{n}", part, widths[n], (b, t_len)) for n, part in zip(State._fields, post)))
+    action = rssm._check_input("action", action, rssm.action_dim, (b, t_len))
     if isinstance(distance, bool) or not isinstance(distance, int) or distance < 2:
         raise ValueError(f"distance must be an int >= 2 (the longest open-loop prediction, in steps; 1 is the ELBO's "
                          f"own KL), got {distance!r}")
-    return post, b, t_len, distance
-
-
-def _first(is_first: object, b: int, t_len: int, device: torch.device) -> Tensor:
-    if is_first is None:
-        return torch.zeros(b, t_len, dtype=torch.bool, device=device)
-    if not isinstance(is_first, Tensor) or tuple(is_first.shape) != (b, t_len):
-        got = list(is_first.shape) if isinstance(is_first, Tensor) else type(is_first).__name__
-        raise ValueError(f"is_first must have shape [{b}, {t_len}], got {got}")
-    if is_first.device != device:
-        raise ValueError(f"is_first must be on {device}, got {is_first.device}")
-    if is_first.dtype == torch.bool:
-        return is_first
-    if is_first.is_complex():
-        raise TypeError(f"is_first must be bool (or 0 / 1 as numbers), got {is_first.dtype}")
-    if get_validate_args() and not torch.compiler.is_compiling() and not bool(
-            ((is_first == 0) | (is_first == 1)).all()):
-        raise ValueError("is_first must hold only 0 and 1 (or be bool), found other values")
-    return is_first != 0
-
-
-def _args(rssm: object, post: object, action: object, distance: object, is_first: object, state: object,
-          noise: object) -> tuple[State, Tensor, int, int, int, Tensor, State]:
-    """Every argument checked: (post, action, B, T, K, is_first as bool [B, T], the state before step 0)."""
-    post, b, t_len, distance = _check(rssm, post, action, distance)
-    assert isinstance(rssm, RSSM) and isinstance(action, Tensor)
-    first = _first(is_first, b, t_len, post.stoch.device)
+    first = check_is_first(is_first, b, t_len, post.stoch.device)
+    if first is None:
+        first = torch.zeros(b, t_len, dtype=torch.bool, device=post.stoch.device)
     k_len = min(distance, t_len)
     init = rssm.initial(b) if state is None else rssm._check_state(state)
     if init.stoch.shape[0] != b:
         raise ValueError(f"state must have batch size {b} (from post), got {init.stoch.shape[0]}")
     if noise is not None:
-        if not isinstance(noise, Tensor) or tuple(noise.shape) != (b, t_len, k_len, rssm.stoch):
-            got = list(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
-            raise ValueError(f"noise must have shape [{b}, {t_len}, {k_len}, {rssm.stoch}] (B, T, min(distance, T), "
-                             f"S), got {got}")
-        like = rssm._like()
-        if noise.dtype != like.dtype or noise.device != like.device:
-            raise TypeError(f"noise must be {like.dtype} on {like.device}, got {noise.dtype} on {noise.device}")
+        noise = rssm._check_input("noise", noise, rssm.stoch, (b, t_len, k_len))
     check_values({"post.deter": post.deter, "post.stoch": post.stoch, "post.mean": post.mean, "action": action,
                   "noise": noise}, {"post.std": post.std})
     return post, action, b, t_len, k_len, first, init

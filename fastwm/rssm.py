@@ -52,6 +52,26 @@ def stack_states(states: list[State], dim: int = 1, *, like: State | None = None
     return State(*(torch.stack(parts, dim=dim) for parts in zip(*states)))
 
 
+def check_is_first(is_first: object, b: int, t_len: int, device: torch.device) -> Tensor | None:
+    """``is_first`` as bool [B, T] (None stays None): bool, or numbers holding only 0 and 1 (checked when
+    set_validate_args is on); a wrong shape, device or dtype raises, naming it."""
+    if is_first is None:
+        return None
+    if not isinstance(is_first, Tensor) or tuple(is_first.shape) != (b, t_len):
+        got = list(is_first.shape) if isinstance(is_first, Tensor) else type(is_first).__name__
+        raise ValueError(f"is_first must have shape [{b}, {t_len}], got {got}")
+    if is_first.device != device:
+        raise ValueError(f"is_first must be on {device}, got {is_first.device}")
+    if is_first.dtype == torch.bool:
+        return is_first
+    if is_first.is_complex():
+        raise TypeError(f"is_first must be bool (or 0 / 1 as numbers), got {is_first.dtype}")
+    if get_validate_args() and not torch.compiler.is_compiling() and not bool(
+            ((is_first == 0) | (is_first == 1)).all()):
+        raise ValueError("is_first must hold only 0 and 1 (or be bool), found other values")
+    return is_first != 0
+
+
 class LayerNormGRUCell(nn.Module):
     """The Dreamer LayerNorm GRU cell (see :func:`fastwm.layernorm_gru_cell`): ``weight`` [3D, X + D] without bias,
     ``norm`` a LayerNorm over the 3D outputs (eps 1e-3 as in dreamerv3-torch), update bias -1."""
@@ -339,19 +359,7 @@ class RSSM(nn.Module):
         if noise is not None and prior_noise is not None and generator is not None:
             raise ValueError("give either noise and prior_noise or generator, not all three (the generator only "
                              "draws noise)")
-        if is_first is not None:
-            if not isinstance(is_first, Tensor) or tuple(is_first.shape) != (b, t_len):
-                got = list(is_first.shape) if isinstance(is_first, Tensor) else type(is_first).__name__
-                raise ValueError(f"is_first must have shape [{b}, {t_len}], got {got}")
-            if is_first.device != embed.device:
-                raise ValueError(f"is_first must be on {embed.device}, got {is_first.device}")
-            if is_first.dtype != torch.bool:
-                if is_first.is_complex():
-                    raise TypeError(f"is_first must be bool (or 0 / 1 as numbers), got {is_first.dtype}")
-                if get_validate_args() and not torch.compiler.is_compiling() and not bool(
-                        ((is_first == 0) | (is_first == 1)).all()):
-                    raise ValueError("is_first must hold only 0 and 1 (or be bool), found other values")
-                is_first = is_first != 0
+        is_first = check_is_first(is_first, b, t_len, embed.device)
         state = self.initial(b) if state is None else self._check_state(state)
         if state.stoch.shape[0] != b:
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")

@@ -260,7 +260,7 @@ def test_bad_arguments_are_named():
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="free_nats"):
             call(m, post, action, distance=3, free_nats=bad)
-    with pytest.raises(TypeError, match="action must be torch.float32"):
+    with pytest.raises(TypeError, match="action must have the RSSM parameters' dtype torch.float32"):
         call(m, post, action.double(), distance=3)
     with pytest.raises(ValueError, match="noise"):  # checked at T = 1 too, where nothing is computed
         call(m, State(*(x[:, :1] for x in post)), action[:, :1], distance=3, noise=torch.zeros(9))
