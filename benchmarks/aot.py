@@ -156,25 +156,13 @@ def _rollout_tiles(open_loop: tuple[int, int, int], closed_loop: tuple[int, int,
 def _as_gpu(sms: int = 132) -> Iterator[None]:
     """Launch-size choices as a GPU of ``sms`` multiprocessors (an H100 / H200: 132) makes them: the rollout's row
     block and tiles, and observe's feature-split programs, instead of the CPU's (16 rows, no split)."""
-    import triton
+    import functools
 
     from fastwm.kernels import observe, rollout
 
     saved = rollout._rollout_tiles, observe.split_programs
-
-    def tiles(n: int, device, closed_loop: bool, narrow: bool = False, reward: bool = False) -> tuple[int, int, int]:
-        for t in rollout._tile_candidates(closed_loop, narrow, reward):
-            if triton.cdiv(n, t[0]) >= sms:
-                return t
-        return rollout._SMALL_TILES
-
-    def programs(bsz: int, d: int, hd: int, device, cap: int | None = None) -> int:
-        cap = observe.FEATURE_SPLIT if cap is None else cap
-        if cap < 2 or bsz == 0:
-            return 1
-        p = min(cap, triton.cdiv(max(d, hd), observe.LOOP_BLOCK_N), sms // triton.cdiv(bsz, observe.BLOCK_M))
-        return p if p >= 2 else 1
-
+    tiles = functools.partial(rollout._rollout_tiles, sms=sms)
+    programs = functools.partial(observe.split_programs, sms=sms)
     rollout._rollout_tiles, observe.split_programs = tiles, programs
     try:
         yield

@@ -730,19 +730,23 @@ def _saved_widths(cell: int, norm: bool, s: int, a: int, d: int, hd: int) -> lis
             hd, 2 * s]
 
 
-def split_programs(bsz: int, d: int, hd: int, device: torch.device, cap: int | None = None) -> int:
+def split_programs(bsz: int, d: int, hd: int, device: torch.device, cap: int | None = None,
+                   sms: int | None = None) -> int:
     """Programs per row block for the time loops: 1 (the row split) unless ``cap`` (default FEATURE_SPLIT) allows
     more; then as many as there are column blocks of the widest split layer, at most ``cap``, with row blocks x
     programs within the device's SM count (they must all be resident for the grid barrier). Both split kernels are
     launched cooperatively (``launch_cooperative_grid``): where the driver cannot make every program resident at
-    once, the launch fails with an error instead of waiting at the first barrier forever."""
+    once, the launch fails with an error instead of waiting at the first barrier forever. ``sms``: the SM count to
+    plan for instead of the device's."""
     cap = FEATURE_SPLIT if cap is None else cap
     if cap < 2 or bsz == 0:
         return 1
     n_rb = triton.cdiv(bsz, BLOCK_M)
     p = min(cap, triton.cdiv(max(d, hd), LOOP_BLOCK_N))
-    if device.type == "cuda":
-        p = min(p, torch.cuda.get_device_properties(device).multi_processor_count // n_rb)
+    if sms is None and device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if sms is not None:
+        p = min(p, sms // n_rb)
     elif not INTERPRETER_RUNS_PROGRAMS_CONCURRENTLY:
         return 1
     return p if p >= 2 else 1

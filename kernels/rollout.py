@@ -228,12 +228,14 @@ def _narrow(dtype: torch.dtype, device: torch.device, d: int, hd: int) -> bool:
 
 
 def _rollout_tiles(n: int, device: torch.device, closed_loop: bool, narrow: bool = False,
-                   reward: bool = False) -> tuple[int, int, int]:
+                   reward: bool = False, sms: int | None = None) -> tuple[int, int, int]:
     """The row block and the product tiles of an n-row rollout: the biggest row block that still gives every SM a
-    program, else 16 rows (tl.dot needs >= 16)."""
-    if device.type != "cuda":
-        return _SMALL_TILES
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    program, else 16 rows (tl.dot needs >= 16). ``sms``: the SM count to plan for instead of the device's (a CPU
+    device, or none given, takes 16 rows)."""
+    if sms is None:
+        if device.type != "cuda":
+            return _SMALL_TILES
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
     for tiles in _tile_candidates(closed_loop, narrow, reward):
         if triton.cdiv(n, tiles[0]) >= sms:
             return tiles
