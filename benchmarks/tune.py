@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .harness import _Warm
+from .harness import _Warm, parse_shard
 
 __all__ = ["Variant", "variants_for", "main"]
 
@@ -248,8 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...] | None, _Warm | None]:
     """(kinds, variant-name prefixes or None, the warm shard or None) from parsed arguments; ValueError naming the
     option when one is off."""
-    from .harness import parse_shard
-
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     if not kinds or any(k not in KINDS for k in kinds):
         raise ValueError(f"--kinds takes a comma list of {', '.join(KINDS)}; got {args.kinds!r}")
