@@ -16,7 +16,8 @@ A case is (benchmark, provider, size, N, H, dtype, device), all forward only und
     (horizon 12, 1,000 candidates, top 100, 10 iterations, no warm start: PlaNet starts every decision from N(0, 1))
     for B beliefs (1 and 16), with the same reward MLP. Every iteration imagines B x 1,000 candidates. The sample noise
     is drawn inside the call as the planner draws it for a user (torch.randn per step in the reference, in-kernel
-    Philox in fastwm). ``N`` in its rows is B x candidates, ``H`` the horizon.
+    Philox in fastwm). ``N`` in its rows is B x candidates, ``H`` the horizon. Providers: eager, graphed (the
+    reference planner with ``cuda_graph=True``: its decisions captured once and replayed), fastwm, fastwm-graphed.
 
 * provider: one of :data:`PROVIDERS`:
 
@@ -24,11 +25,13 @@ A case is (benchmark, provider, size, N, H, dtype, device), all forward only und
   - ``"compiled"``: ``torch.compile`` of the same eager function, with the compile modes of the RSSM suite
     (:data:`fastwm.benchmarks.bench_rssm.COMPILE_MODES`; ``max-autotune-no-cudagraphs`` by default on cuda, the
     default mode on the CPU); imagination only;
-  - ``"graphed"``: the eager loop captured once in a CUDA graph and replayed (the RSSM suite's capture helper); cuda
-    only; imagination only;
+  - ``"graphed"``: the eager loop captured once in a CUDA graph and replayed (the RSSM suite's capture helper; for
+    cem_decision the planner's own ``cuda_graph=True``); cuda only;
   - ``"fastwm"``: under ``fastwm.backend("triton")``: the whole horizon in ONE kernel launch (``rssm.imagine``,
     ``imagine_fused``; the planner launches one kernel per CEM iteration). cuda; on the CPU only under the Triton
-    interpreter (``TRITON_INTERPRET=1``), far too slow to time, so the harness skips it there by default.
+    interpreter (``TRITON_INTERPRET=1``), far too slow to time, so the harness skips it there by default;
+  - ``"fastwm-graphed"``: cem_decision only: the fastwm planner with ``cuda_graph=True`` (one graph launch per
+    decision on the host instead of several launches per iteration); cuda only.
 
 * size: a :class:`fastwm.benchmarks.bench_rssm.RSSMSize` (its B and T are not used here): ``"planet"`` (action 6,
   embed 1024, stoch 30, deter 200, hidden 200, GRUCell, ELU, softplus std) and ``"dreamerv3"`` (512 / 32 / 512,
@@ -122,8 +125,9 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 BENCHMARKS = ("imagine", "imagine_return", "cem_decision")
 IMAGINE_BENCHMARKS = ("imagine", "imagine_return")
 ROW_NAMES = {"imagine": "rssm_imagine", "imagine_return": "rssm_imagine_return", "cem_decision": "cem_decision"}
-PROVIDERS = ("eager", "compiled", "graphed", "fastwm")
-CEM_PROVIDERS = ("eager", "fastwm")
+PROVIDERS = ("eager", "compiled", "graphed", "fastwm", "fastwm-graphed")
+CEM_PROVIDERS = ("eager", "graphed", "fastwm", "fastwm-graphed")
+CEM_ONLY = ("fastwm-graphed",)  # providers of cem_decision alone
 CEM_SIZES = ("planet",)  # PlaNet's planner at PlaNet's model size
 BASELINES = ("compiled", "graphed")  # speedup_vs_best_baseline: the fastest of these in the same run
 
@@ -259,11 +263,12 @@ def footprint_bytes(
     if benchmark == "cem_decision":
         inputs += n * horizon * a * e  # the planner's sampling eps and candidates
     scratch = n * (4 * s + 5 * d + 3 * hd + a + 4 * max(reward_hidden, a) + 4) * 4
-    if provider == "fastwm":
+    if provider in ("fastwm", "fastwm-graphed"):
         out = n * horizon * (d + 3 * s) * e if benchmark == "imagine" else n * 4
         if benchmark == "cem_decision":
             out = n * 4
-        return inputs + out + scratch + n * (d + s) * e
+        total = inputs + out + scratch + n * (d + s) * e
+        return total * (2 if provider == "fastwm-graphed" else 1)
     states = n * horizon * (d + 3 * s) * e
     total = inputs + 2 * states + n * (2 * hd + 6 * d + 4 * s) * e
     if _has_reward(benchmark):
@@ -301,12 +306,16 @@ def provider_unavailable(
     if benchmark is not None:
         _check(benchmark)
         if benchmark == "cem_decision" and provider not in CEM_PROVIDERS:
-            return f"cem_decision is timed for {' and '.join(CEM_PROVIDERS)} only"
+            return f"cem_decision is timed for {', '.join(CEM_PROVIDERS)} only"
+        if benchmark != "cem_decision" and provider in CEM_ONLY:
+            return f"{provider} is a provider of cem_decision only"
     device = torch.device(device)
     if provider in ("eager", "compiled"):
         return baseline_unavailable(provider, device)
-    if provider == "graphed":
-        return graph_unavailable(device)
+    if provider in ("graphed", "fastwm-graphed"):
+        reason = graph_unavailable(device)
+        if reason is not None or provider == "graphed":
+            return reason
     return kernels_unavailable(
         device,
         dtype,
@@ -384,6 +393,8 @@ def build_case(
     if benchmark not in IMAGINE_BENCHMARKS:
         raise ValueError(f"build_case builds {IMAGINE_BENCHMARKS}; use build_cem_case for cem_decision")
     _check(benchmark, provider)
+    if provider in CEM_ONLY:
+        raise ValueError(f"{provider} is a provider of cem_decision only (build_cem_case)")
     _check_compile_mode(compile_mode)
     if n < 1 or horizon < 1:
         raise ValueError(f"N and H must be positive, got N={n}, H={horizon}")
@@ -458,12 +469,15 @@ def build_cem_case(
     seed: int = 0,
 ) -> BenchCase:
     """A CEM decision: a :class:`fastwm.CEMPlanner` with ``settings`` and the reward MLP, called on a State of B random
-    beliefs under the provider's backend ("eager": reference, "fastwm": triton). Seeded by a generator on the device,
-    so every decision draws fresh candidates (the same work each call)."""
+    beliefs under the provider's backend ("eager" and "graphed": reference, "fastwm" and "fastwm-graphed": triton;
+    the graphed two with ``cuda_graph=True``, captured here). Seeded by a generator on the device, so every decision
+    draws fresh candidates (the same work each call)."""
     _check("cem_decision", provider)
     if provider not in CEM_PROVIDERS:
         raise ValueError(f"cem_decision runs the providers {CEM_PROVIDERS}, got {provider!r}")
     device = torch.device(device)
+    if provider in ("graphed", "fastwm-graphed") and device.type != "cuda":
+        raise ValueError(f"the {provider} provider needs a cuda device")
     model = _model(size, dtype, device, seed)
     reward = _reward_mlp(size, reward_hidden, dtype, device, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -478,12 +492,16 @@ def build_cem_case(
         top_k=settings.top_k,
         warm_start=False,
         generator=planner_gen,
+        cuda_graph=provider in ("graphed", "fastwm-graphed"),
     )
-    backend_name = "triton" if provider == "fastwm" else "reference"
+    backend_name = "triton" if provider in ("fastwm", "fastwm-graphed") else "reference"
 
     def fn() -> object:
         with fastwm.backend(backend_name), torch.no_grad():
             return planner(belief)
+
+    if planner.cuda_graph:
+        fn()  # the warm-up decisions and the capture, outside the timing
 
     return BenchCase(
         "cem_decision",

@@ -12,7 +12,8 @@ planning cases, print a table per suite, write JSON rows.
 * rollout: each row times one case of :mod:`fastwm.benchmarks.bench_rollout`: open-loop imagination of N starts over
   H steps (``rssm_imagine``; ``rssm_imagine_return`` scores it with a reward MLP and returns only the sum) for
   N in 1,000 / 2,500 / 10,000 / 16,384 and H in 15 / 50 (eager, compiled, graphed, fastwm), and one CEM decision at
-  PlaNet's settings for 1 and 16 beliefs (``cem_decision``; eager, fastwm). Rows report imagined row-steps per second,
+  PlaNet's settings for 1 and 16 beliefs (``cem_decision``; eager, graphed, fastwm, fastwm-graphed: the planner's
+  ``cuda_graph=True``). Rows report imagined row-steps per second,
   matrix TFLOP/s, the fraction of the compute floor (``frac_floor``: row-steps per second over the device's peak
   matrix throughput / FLOPs per row-step) and speedups against eager and against the best of compiled / graphed (the
   goal: at least 20x eager and 3x the best of compiled / graphed, at half the floor or better). Rows go to
@@ -111,8 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--providers",
         default=None,
-        help=f"comma list of {', '.join(dict.fromkeys((*PROVIDERS, *bench_rssm.PROVIDERS)))} "
-        "(graphed: rssm and rollout only; cem_decision runs eager and fastwm) "
+        help=f"comma list of "
+        f"{', '.join(dict.fromkeys((*PROVIDERS, *bench_rssm.PROVIDERS, *bench_rollout.PROVIDERS)))} "
+        "(graphed: rssm and rollout only; fastwm-graphed: rollout's cem_decision only, which runs eager, graphed, "
+        "fastwm and fastwm-graphed) "
         "(default: all; compiled is left out on cpu unless named here)",
     )
     parser.add_argument(
@@ -1219,7 +1222,7 @@ def _rollout_cases(
             ]
             if left_out:
                 notes.append(
-                    f"cem_decision is timed for {' and '.join(bench_rollout.CEM_PROVIDERS)} only "
+                    f"cem_decision is timed for {', '.join(bench_rollout.CEM_PROVIDERS)} only "
                     f"(not {', '.join(left_out)})"
                 )
             shapes = [(s, c.rows, c.horizon, c) for s in sizes for c in plan.cem]

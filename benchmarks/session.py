@@ -24,7 +24,7 @@ Phase 1 runs in parallel, because its cost is compilation, on the CPU cores:
 Phase 2 runs one step at a time (timings must not share the GPU), in this order, each skipped once too little time is
 left: ``observe`` (bench rssm observe: both sizes, fp32 and bf16, fwd and fwd_bwd; eager, graphed, fused-steps,
 fastwm, recompute), ``rollout`` (imagine and imagine_return at N 1,000 and 10,000, H 15, both sizes and dtypes; CEM
-decisions for 1 and 16 beliefs), ``tune`` (every launch variant against the default; without the split variants when
+decisions for 1 and 16 beliefs, also with the planner's CUDA graph), ``tune`` (every launch variant against the default; without the split variants when
 ``split`` or one of its warm-ups failed; the split variants are timed after all the others), ``compiled`` (imagine at
 N 10,000 with torch.compile's default mode beside eager, graphed and fastwm), ``steps`` (img_step and obs_step): the
 last two only if time is left, compiling in their own step.
@@ -80,7 +80,7 @@ MORE_TEST_FILES = ("test_rssm", "test_gaussian", "test_kl_loss", "test_elbo", "t
 
 # What phase 2 times. Each list is the `python -m fastwm bench` arguments after "bench", without --out / --device.
 OBSERVE = ["--suite", "rssm", "--ops", "observe", "--providers", "eager,graphed,fused-steps,fastwm,recompute"]
-ROLLOUT = ["--suite", "rollout", "--N", "1000,10000", "--H", "15", "--providers", "eager,graphed,fastwm"]
+ROLLOUT = ["--suite", "rollout", "--N", "1000,10000", "--H", "15", "--providers", "eager,graphed,fastwm,fastwm-graphed"]
 COMPILED = ["--suite", "rollout", "--ops", "imagine", "--N", "10000", "--H", "15",
             "--providers", "eager,compiled,graphed,fastwm", "--compile-mode", "default"]
 STEPS = ["--suite", "rssm", "--ops", "img_step,obs_step", "--providers", "eager,graphed,fastwm"]

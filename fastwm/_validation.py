@@ -23,7 +23,7 @@ def set_validate_args(enabled: bool) -> None:
 
     When on, each call also checks that its floating inputs are finite and its stds strictly positive, raising a
     ValueError naming the argument. Each check is one reduction plus a device-to-host sync per argument; it is
-    skipped inside ``torch.compile`` graphs. Use it while debugging NaN or exploding KL, not in a timed loop.
+    skipped inside ``torch.compile`` graphs and CUDA graph captures. Use it while debugging NaN or exploding KL, not in a timed loop.
     """
     global _validate_values
     if not isinstance(enabled, bool):
@@ -81,11 +81,16 @@ def check_generator(generator: object) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (where a host sync is an error)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_values(finite: dict[str, torch.Tensor | None],
                  positive: dict[str, torch.Tensor | None] | None = None) -> None:
-    """Value checks, only when enabled by :func:`set_validate_args` and outside torch.compile. Absent (None)
-    optional arguments are skipped."""
-    if not _validate_values or torch.compiler.is_compiling():
+    """Value checks, only when enabled by :func:`set_validate_args`, outside torch.compile and outside a CUDA graph
+    capture. Absent (None) optional arguments are skipped."""
+    if not _validate_values or torch.compiler.is_compiling() or _capturing():
         return
     checks = [(name, torch.isfinite(t).all(), "must be finite, found NaN or infinite values")
               for name, t in finite.items() if t is not None]

@@ -10,22 +10,41 @@ head inside it when it is a plain MLP), score it by the sum of predicted rewards
 Calling a planner on a State of B beliefs returns the first action of each plan, [B, A]. The plan is kept and, with
 ``warm_start``, the next call starts from it shifted by one step (the last step refilled with the initial mean), as
 in TD-MPC; :meth:`reset` forgets it (call it at the start of an episode).
+
+A decision is a chain of small launches (per iteration: the draw, the clip, the imagination, top-k and the refit)
+that never waits for the device: the bounds live on the belief's device and dtype, and nothing reads a value back.
+With ``cuda_graph=True`` the iterations of a decision on a CUDA belief are captured once in a CUDA graph (per belief
+count, dtype, backend and weight storage) and replayed, so a decision costs one graph launch on the host.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ._backend import use_triton
+from ._backend import get_backend, use_triton
 from ._validation import check_float, check_positive_int, check_values
 from .rollout import imagine_fused, pack_mlp
 from .rssm import RSSM, State
 
 __all__ = ["CEMPlanner", "MPPIPlanner"]
+
+_GRAPH_WARMUP = 2  # decisions run before a capture
+
+
+class _Captured(NamedTuple):
+    """One captured decision: the graph, the static inputs it reads, the plan it writes and the bounds it reads."""
+
+    graph: torch.cuda.CUDAGraph
+    stoch: Tensor
+    deter: Tensor
+    mean: Tensor
+    out: Tensor
+    bounds: tuple[Tensor, ...]
 
 
 def _bound(name: str, value: object, action_dim: int) -> Tensor:
@@ -47,7 +66,7 @@ class _Planner(nn.Module):
     def __init__(self, rssm: RSSM, reward: Callable[[Tensor], Tensor], *, horizon: int, samples: int,
                  iterations: int, action_low: float | Tensor, action_high: float | Tensor, init_std: float | None,
                  min_std: float, warm_start: bool, generator: torch.Generator | None, stochastic: bool = True,
-                 samples_name: str = "samples") -> None:
+                 cuda_graph: bool = False, samples_name: str = "samples") -> None:
         super().__init__()
         if not isinstance(rssm, RSSM):
             raise TypeError(f"rssm must be a fastwm.RSSM, got {type(rssm).__name__}")
@@ -79,28 +98,56 @@ class _Planner(nn.Module):
         if not isinstance(stochastic, bool):
             raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
         self.stochastic = stochastic
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        self.cuda_graph = cuda_graph
         self.generator = generator
         self._plan: Tensor | None = None
+        # (low, high, init_std, mid) on each (device, dtype) a plan has run in: a per-call .to() of the CPU buffers
+        # would be a blocking host-to-device copy every iteration
+        self._consts: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._graphs: dict[tuple, _Captured] = {}
 
     def reset(self) -> None:
-        """Forget the previous plan (start of an episode)."""
+        """Forget the previous plan (start of an episode). Captured CUDA graphs are kept (see :meth:`clear_graphs`)."""
         self._plan = None
+
+    def clear_graphs(self) -> None:
+        """Drop the captured CUDA graphs (and the memory their pools hold); the next call captures again."""
+        self._graphs.clear()
+
+    def _bounds_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in (self.action_low, self.action_high, self.init_std))
+
+    def _bounds(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(action_low, action_high, init_std, their midpoint) as [A] tensors on ``like``'s device and dtype, copied
+        there once (again when a buffer changes)."""
+        key = (like.device, like.dtype, *self._bounds_key())
+        got = self._consts.get(key)
+        if got is None:
+            self._consts = {k: v for k, v in self._consts.items() if k[:2] != key[:2]}  # (a graph keeps its own)
+            low, high = self.action_low.to(like), self.action_high.to(like)
+            got = (low, high, self.init_std.to(like), ((self.action_low + self.action_high) / 2).to(like))
+            self._consts[key] = got
+        return got
 
     # ------------------------------------------------------------------------------------------------------------------
 
     def _initial_mean(self, b: int, like: Tensor) -> Tensor:
-        mid = ((self.action_low + self.action_high) / 2).to(like)
-        mean = mid.expand(b, self.horizon, -1).clone()
+        mean = self._bounds(like)[3].expand(b, self.horizon, -1).clone()
         if self.warm_start and self._plan is not None and self._plan.shape == mean.shape:
             mean[:, :-1] = self._plan[:, 1:]
         return mean
 
     def _returns(self, state: State, actions: Tensor) -> Tensor:
         """Sum over the horizon of the predicted rewards: state [B] beliefs, actions [B, N, H, A] -> [B, N]."""
+        return self._score(state.stoch, state.deter, actions)
+
+    def _score(self, stoch: Tensor, deter: Tensor, actions: Tensor) -> Tensor:
         b, n, h, a = actions.shape
         rssm = self.rssm
-        stoch = state.stoch.repeat_interleave(n, dim=0)
-        deter = state.deter.repeat_interleave(n, dim=0)
+        stoch = stoch.repeat_interleave(n, dim=0)
+        deter = deter.repeat_interleave(n, dim=0)
         flat = actions.reshape(b * n, h, a)
         # stochastic=False: every candidate is imagined along the prior's mean (zero noise).
         noise = None if self.stochastic else stoch.new_zeros(b * n, h, rssm.stoch)
@@ -133,7 +180,8 @@ class _Planner(nn.Module):
         eps = torch.randn((b, self.samples, h, a), generator=self.generator, device=device,
                           dtype=mean.dtype).to(mean.device)
         cand = mean[:, None] + std[:, None] * eps
-        return torch.max(torch.min(cand, self.action_high.to(cand)), self.action_low.to(cand))
+        low, high = self._bounds(cand)[:2]
+        return torch.max(torch.min(cand, high), low)
 
     def _check_state(self, state: object) -> State:
         rssm = self.rssm
@@ -149,17 +197,80 @@ class _Planner(nn.Module):
         state = self._check_state(state)
         check_values({"state.stoch": state.stoch, "state.deter": state.deter})
         b = state.stoch.shape[0]
-        like = state.stoch
-        mean = self._initial_mean(b, like)
-        std = self.init_std.to(like).expand(b, self.horizon, -1).clone()
+        mean = self._initial_mean(b, state.stoch)
+        if self.cuda_graph and state.stoch.is_cuda and b > 0:
+            mean = self._replay(state.stoch, state.deter, mean)
+        else:
+            mean = self._iterate(state.stoch, state.deter, mean)
+        self._plan = mean
+        return mean
+
+    def _iterate(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> Tensor:
+        """The planner's iterations from the initial plan ``mean`` [B, H, A]: the refined plan."""
+        std = self._bounds(mean)[2].expand_as(mean).clone()
         for _ in range(self.iterations):
             actions = self._sample(mean, std)
-            returns = self._returns(state, actions)
+            returns = self._score(stoch, deter, actions)
             check_values({"the predicted returns (the reward summed over the horizon)": returns})
             mean, std = self._refit(actions, returns)
             std = std.clamp_min(self.min_std)
-        self._plan = mean
         return mean
+
+    # CUDA graphs ------------------------------------------------------------------------------------------------------
+
+    def _graph_key(self, stoch: Tensor) -> tuple:
+        """What a captured decision depends on besides the values it reads: shapes, dtype, device, backend, the
+        storage of every weight (a moved or re-created parameter needs a new capture) and the bounds."""
+        params = [*self.rssm.parameters()]
+        if isinstance(self.reward, nn.Module):
+            params += [*self.reward.parameters()]
+        return (stoch.shape[0], stoch.dtype, stoch.device, get_backend(), self._bounds_key(),
+                tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in params))
+
+    def _replay(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> Tensor:
+        gen = self.generator
+        if gen is not None and gen.device.type != "cuda":
+            raise ValueError("cuda_graph=True draws the candidates on the GPU inside the graph: generator must be a "
+                             f"torch.Generator on the cuda device, or None, got one on {gen.device}")
+        if torch.cuda.is_current_stream_capturing():  # the caller captures the whole decision itself
+            return self._iterate(stoch, deter, mean)
+        key = self._graph_key(stoch)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(stoch, deter, mean)
+        entry.stoch.copy_(stoch)
+        entry.deter.copy_(deter)
+        entry.mean.copy_(mean)
+        entry.graph.replay()
+        return entry.out.clone()
+
+    def _capture(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> _Captured:
+        """Capture :meth:`_iterate` on static copies of its inputs: warm-up calls on a side stream first (kernel
+        compilation and lazy initialisation happen outside the capture), then the capture, with the planner's own
+        generator registered so that every replay draws fresh candidates from it."""
+        device = stoch.device
+        static = (stoch.clone(), deter.clone(), mean.clone())
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(_GRAPH_WARMUP):
+                self._iterate(*static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            if not hasattr(graph, "register_generator_state"):
+                raise RuntimeError("cuda_graph=True with a generator needs a torch whose CUDAGraph has "
+                                   "register_generator_state (2.5 or newer); pass generator=None to draw from the "
+                                   "default CUDA generator")
+            graph.register_generator_state(self.generator)
+        try:
+            with torch.cuda.graph(graph):
+                out = self._iterate(*static)
+        except RuntimeError as exc:
+            raise RuntimeError("cuda_graph=True: capturing the planner's decision in a CUDA graph failed. The reward "
+                               "must run without host syncs (no .item(), .cpu(), .tolist() or Python branches on "
+                               f"tensor values); or pass cuda_graph=False. The capture said: {exc}") from exc
+        return _Captured(graph, *static, out, self._bounds(mean))
 
     def forward(self, state: State) -> Tensor:
         """Actions [B, A]: the first step of the plan for each of the B beliefs."""
@@ -182,6 +293,11 @@ class CEMPlanner(_Planner):
         stochastic: imagine each candidate with sampled latents (PlaNet); False imagines along the prior's mean
             (zero noise), which scores candidates more steadily where the dynamics are unstable (a pendulum held
             upright) and the samples' spread would swamp the differences between action sequences.
+        cuda_graph: on a CUDA belief, capture a decision's iterations in a CUDA graph the first time a belief count,
+            dtype and backend is seen (two warm-up decisions, then the capture) and replay it after that: one launch
+            on the host per decision instead of several per iteration. The reward must be capturable (no host
+            syncs); the value checks of :func:`fastwm.set_validate_args` check the belief, not the returns, inside
+            the graph. On other devices it does nothing.
 
     Example::
 
@@ -193,11 +309,11 @@ class CEMPlanner(_Planner):
                  iterations: int = 10, top_k: int = 100, action_low: float | Tensor = -1.0,
                  action_high: float | Tensor = 1.0, init_std: float | None = None, min_std: float = 0.0,
                  warm_start: bool = True, generator: torch.Generator | None = None,
-                 stochastic: bool = True) -> None:
+                 stochastic: bool = True, cuda_graph: bool = False) -> None:
         super().__init__(rssm, reward, horizon=horizon, samples=candidates, iterations=iterations,
                          action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
                          warm_start=warm_start, generator=generator, stochastic=stochastic,
-                         samples_name="candidates")
+                         cuda_graph=cuda_graph, samples_name="candidates")
         self.top_k = check_positive_int("top_k", top_k)
         if top_k > candidates:
             raise ValueError(f"top_k must be at most candidates ({candidates}), got {top_k}")
@@ -224,10 +340,11 @@ class MPPIPlanner(_Planner):
                  iterations: int = 10, temperature: float = 0.5, action_low: float | Tensor = -1.0,
                  action_high: float | Tensor = 1.0, init_std: float | None = None, min_std: float = 0.05,
                  warm_start: bool = True, generator: torch.Generator | None = None,
-                 stochastic: bool = True) -> None:
+                 stochastic: bool = True, cuda_graph: bool = False) -> None:
         super().__init__(rssm, reward, horizon=horizon, samples=samples, iterations=iterations,
                          action_low=action_low, action_high=action_high, init_std=init_std, min_std=min_std,
-                         warm_start=warm_start, generator=generator, stochastic=stochastic)
+                         warm_start=warm_start, generator=generator, stochastic=stochastic,
+                         cuda_graph=cuda_graph)
         if not (math.isfinite(check_float("temperature", temperature)) and temperature > 0):
             raise ValueError(f"temperature must be a positive float, got {temperature!r}")
         self.temperature = float(temperature)
