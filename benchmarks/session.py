@@ -24,10 +24,10 @@ Phase 1 runs in parallel, because its cost is compilation, on the CPU cores:
 Phase 2 runs one step at a time (timings must not share the GPU), in this order, each skipped once too little time is
 left: ``observe`` (bench rssm observe: both sizes, fp32 and bf16, fwd and fwd_bwd; eager, graphed, fused-steps,
 fastwm, recompute), ``rollout`` (imagine and imagine_return at N 1,000 and 10,000, H 15, both sizes and dtypes; CEM
-decisions for 1 and 16 beliefs, also with the planner's CUDA graph), ``tune`` (every launch variant against the default; without the split variants when
-``split`` or one of its warm-ups failed; the split variants are timed after all the others), ``compiled`` (imagine at
-N 10,000 with torch.compile's default mode beside eager, graphed and fastwm), ``steps`` (img_step and obs_step): the
-last two only if time is left, compiling in their own step.
+decisions for 1 and 16 beliefs, also with the planner's CUDA graph), ``tune`` (every launch variant against the
+default; without the split variants when ``split`` or one of its warm-ups failed; the split variants are timed after
+all the others), ``compiled`` (imagine at N 10,000 with torch.compile's default mode beside eager, graphed and
+fastwm), ``steps`` (img_step and obs_step): the last two only if time is left, compiling in their own step.
 
 The checkout runs as it is, from the repository root, with nothing installed (``fastwm/__init__.py`` finds kernels/
 and benchmarks/ there); an install is tried only if that import fails. Every command's process group is killed when

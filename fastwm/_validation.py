@@ -23,7 +23,8 @@ def set_validate_args(enabled: bool) -> None:
 
     When on, each call also checks that its floating inputs are finite and its stds strictly positive, raising a
     ValueError naming the argument. Each check is one reduction plus a device-to-host sync per argument; it is
-    skipped inside ``torch.compile`` graphs and CUDA graph captures. Use it while debugging NaN or exploding KL, not in a timed loop.
+    skipped inside ``torch.compile`` graphs and CUDA graph captures. Use it while debugging NaN or exploding KL, not
+    in a timed loop.
     """
     global _validate_values
     if not isinstance(enabled, bool):

@@ -117,11 +117,12 @@ class _Planner(nn.Module):
         self._graphs.clear()
 
     def _bounds_key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in (self.action_low, self.action_high, self.init_std))
+        # the buffers' storage: set once in __init__ (moved by .to()), never written in place
+        return tuple(t.data_ptr() for t in (self.action_low, self.action_high, self.init_std))
 
     def _bounds(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(action_low, action_high, init_std, their midpoint) as [A] tensors on ``like``'s device and dtype, copied
-        there once (again when a buffer changes)."""
+        there once (again after the buffers move)."""
         key = (like.device, like.dtype, *self._bounds_key())
         got = self._consts.get(key)
         if got is None:
@@ -219,30 +220,36 @@ class _Planner(nn.Module):
     # CUDA graphs ------------------------------------------------------------------------------------------------------
 
     def _graph_key(self, stoch: Tensor) -> tuple:
-        """What a captured decision depends on besides the values it reads: shapes, dtype, device, backend, the
-        storage of every weight (a moved or re-created parameter needs a new capture) and the bounds."""
-        params = [*self.rssm.parameters()]
+        """What a captured decision depends on besides the values it reads: the belief count, dtype and device, the
+        backend and matmul precision, the planner's settings, generator and reward, the bounds, and the storage of
+        every weight and buffer of the model and the reward (a moved or re-created one needs a new capture)."""
+        tensors = [*self.rssm.parameters(), *self.rssm.buffers()]
         if isinstance(self.reward, nn.Module):
-            params += [*self.reward.parameters()]
-        return (stoch.shape[0], stoch.dtype, stoch.device, get_backend(), self._bounds_key(),
-                tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in params))
+            tensors += [*self.reward.parameters(), *self.reward.buffers()]
+        settings = (self.horizon, self.samples, self.iterations, self.min_std, self.stochastic,
+                    getattr(self, "top_k", None), getattr(self, "temperature", None))
+        return (stoch.shape[0], stoch.dtype, stoch.device, get_backend(), torch.get_float32_matmul_precision(),
+                torch.backends.cuda.matmul.allow_tf32, settings, id(self.generator), id(self.reward),
+                self._bounds_key(), tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors))
 
     def _replay(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> Tensor:
         gen = self.generator
-        if gen is not None and gen.device.type != "cuda":
+        if gen is not None and torch.device(gen.device) != stoch.device:
             raise ValueError("cuda_graph=True draws the candidates on the GPU inside the graph: generator must be a "
-                             f"torch.Generator on the cuda device, or None, got one on {gen.device}")
-        if torch.cuda.is_current_stream_capturing():  # the caller captures the whole decision itself
-            return self._iterate(stoch, deter, mean)
-        key = self._graph_key(stoch)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(stoch, deter, mean)
-        entry.stoch.copy_(stoch)
-        entry.deter.copy_(deter)
-        entry.mean.copy_(mean)
-        entry.graph.replay()
-        return entry.out.clone()
+                             f"torch.Generator on the belief's device ({stoch.device}), or None, got one on "
+                             f"{gen.device}")
+        with torch.cuda.device(stoch.device):  # the capture and the replay run on the belief's device
+            if torch.cuda.is_current_stream_capturing():  # the caller captures the whole decision itself
+                return self._iterate(stoch, deter, mean)
+            key = self._graph_key(stoch)
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._graphs[key] = self._capture(stoch, deter, mean)
+            entry.stoch.copy_(stoch)
+            entry.deter.copy_(deter)
+            entry.mean.copy_(mean)
+            entry.graph.replay()
+            return entry.out.clone()
 
     def _capture(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> _Captured:
         """Capture :meth:`_iterate` on static copies of its inputs: warm-up calls on a side stream first (kernel
@@ -264,7 +271,7 @@ class _Planner(nn.Module):
                                    "default CUDA generator")
             graph.register_generator_state(self.generator)
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
                 out = self._iterate(*static)
         except RuntimeError as exc:
             raise RuntimeError("cuda_graph=True: capturing the planner's decision in a CUDA graph failed. The reward "
@@ -296,8 +303,9 @@ class CEMPlanner(_Planner):
         cuda_graph: on a CUDA belief, capture a decision's iterations in a CUDA graph the first time a belief count,
             dtype and backend is seen (two warm-up decisions, then the capture) and replay it after that: one launch
             on the host per decision instead of several per iteration. The reward must be capturable (no host
-            syncs); the value checks of :func:`fastwm.set_validate_args` check the belief, not the returns, inside
-            the graph. On other devices it does nothing.
+            syncs), and the tensors a reward that is not an ``nn.Module`` reads must stay alive and in place
+            (changed values are seen); the value checks of :func:`fastwm.set_validate_args` check the belief, not
+            the returns, inside the graph. On other devices it does nothing.
 
     Example::
 

@@ -236,8 +236,8 @@ def _graph_generator(device, seed: int) -> torch.Generator:
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_cuda_graph_planner_follows_the_belief(device, kind, backend):
     """cuda_graph=True: one capture per belief count, replayed with each call's belief and warm start (the best first
-    action follows -z_0 from call to call); every replay draws fresh candidates, and the same seed gives the same plans.
-    Off the GPU the flag changes nothing: the plans equal those of cuda_graph=False, and nothing is captured."""
+    action follows -z_0 from call to call), and the same seed gives the same plans. Off the GPU the flag changes
+    nothing: the plans equal those of cuda_graph=False, and nothing is captured."""
     m = _tracking_model(device)
     z0 = torch.tensor([[0.6, -0.6, 0.4]], dtype=torch.float64, device=device)
     beliefs = [m.initial(1)._replace(stoch=sign * z0) for sign in (1.0, -1.0, 1.0)]
@@ -259,7 +259,6 @@ def test_cuda_graph_planner_follows_the_belief(device, kind, backend):
     again, _ = run(True, 3)
     for a, b in zip(plans, again):
         assert torch.equal(a, b)
-    assert not torch.equal(plans[0], plans[2])  # fresh candidates at every call
     if device.type == "cuda":
         assert len(planner._graphs) == 1
         planner.clear_graphs()
@@ -305,3 +304,56 @@ def test_cem_bench_providers():
     settings = br.cem_settings(1, True)
     assert br.footprint_bytes("cem_decision", "fastwm-graphed", size, 0, 0, torch.float32, cem=settings) == (
         2 * br.footprint_bytes("cem_decision", "fastwm", size, 0, 0, torch.float32, cem=settings))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ["cem", "mppi"])
+@pytest.mark.parametrize("backend,reward_kind", [("reference", "mlp"), ("triton", "mlp"), ("triton", "callable")])
+@pytest.mark.parametrize("own_generator", [True, False])
+def test_cuda_graph_replay_equals_eager_planning(device, kind, backend, reward_kind, own_generator):
+    """A replayed decision is the eager decision: from the same generator state, the graphed and the eager planner
+    give the same plan (random GRU model, sampled latents, no warm start), and the next call of each draws fresh
+    candidates the same way. After an in-place weight update the replay sees the new weights; a new belief count
+    captures a second graph. Reward: a plain MLP (inside the imagination kernel on the Triton backend) or a callable
+    on the kernel's features; generator: the planner's own or the default CUDA one."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a cuda device")
+    torch.manual_seed(0)
+    m = fastwm.RSSM(A, 4, stoch=5, deter=8, hidden=8).to(device)
+    mlp = nn.Sequential(nn.Linear(13, 16), nn.ELU(), nn.Linear(16, 1)).to(device)
+    reward = mlp if reward_kind == "mlp" else (lambda f: mlp(f).squeeze(-1))
+    belief = fastwm.State(torch.randn(2, 8, device=device), torch.randn(2, 5, device=device),
+                          torch.zeros(2, 5, device=device), torch.ones(2, 5, device=device))
+
+    def make(cuda_graph: bool):
+        gen = torch.Generator(device=device).manual_seed(0) if own_generator else None
+        make_cls = fastwm.CEMPlanner if kind == "cem" else fastwm.MPPIPlanner
+        kw = {"candidates": 64, "top_k": 8} if kind == "cem" else {"samples": 64}
+        return make_cls(m, reward, horizon=4, iterations=3, warm_start=False, cuda_graph=cuda_graph, generator=gen,
+                        **kw), gen
+
+    def reseed(gen, seed: int) -> None:
+        if gen is None:
+            torch.cuda.manual_seed(seed)
+        else:
+            gen.manual_seed(seed)
+
+    graphed, g_gen = make(True)
+    eager, e_gen = make(False)
+    with fastwm.backend(backend), torch.no_grad():
+        graphed.plan(belief)  # the warm-ups and the capture
+        assert len(graphed._graphs) == 1
+        for seed in (5, 6):
+            reseed(g_gen, seed)
+            got = [graphed.plan(belief), graphed.plan(belief)]
+            reseed(e_gen, seed)
+            want = [eager.plan(belief), eager.plan(belief)]
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(got[0], got[1])  # every replay draws fresh candidates
+            with torch.no_grad():
+                m.prior2.bias.add_(0.5)  # seen by the next replay, no new capture
+                mlp[0].weight.mul_(1.5)
+        assert len(graphed._graphs) == 1
+        graphed.plan(fastwm.State(*(x[:1] for x in belief)))
+        assert len(graphed._graphs) == 2
