@@ -357,3 +357,12 @@ def test_cuda_graph_replay_equals_eager_planning(device, kind, backend, reward_k
         assert len(graphed._graphs) == 1
         graphed.plan(fastwm.State(*(x[:1] for x in belief)))
         assert len(graphed._graphs) == 2
+
+
+def test_planner_built_and_called_under_inference_mode(device):
+    # inference tensors have no version counter: the planner's cached bounds must not need one
+    with torch.inference_mode(), fastwm.backend("reference"):
+        m = _linear_model(device)
+        planner = fastwm.CEMPlanner(m, _reward(device), horizon=2, candidates=10, top_k=2, iterations=1)
+        assert planner(m.initial(1)).shape == (1, A)
+        assert planner(m.initial(1)).shape == (1, A)
