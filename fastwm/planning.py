@@ -47,6 +47,11 @@ class _Captured(NamedTuple):
     bounds: tuple[Tensor, ...]
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same device type, and the same index where both name one (a CUDA generator made with device="cuda" has none)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def _bound(name: str, value: object, action_dim: int) -> Tensor:
     try:
         t = torch.as_tensor(value, dtype=torch.float64)
@@ -234,7 +239,7 @@ class _Planner(nn.Module):
 
     def _replay(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> Tensor:
         gen = self.generator
-        if gen is not None and torch.device(gen.device) != stoch.device:
+        if gen is not None and not _same_device(torch.device(gen.device), stoch.device):
             raise ValueError("cuda_graph=True draws the candidates on the GPU inside the graph: generator must be a "
                              f"torch.Generator on the belief's device ({stoch.device}), or None, got one on "
                              f"{gen.device}")

@@ -366,3 +366,11 @@ def test_planner_built_and_called_under_inference_mode(device):
         planner = fastwm.CEMPlanner(m, _reward(device), horizon=2, candidates=10, top_k=2, iterations=1)
         assert planner(m.initial(1)).shape == (1, A)
         assert planner(m.initial(1)).shape == (1, A)
+
+
+def test_generator_device_match():
+    from fastwm.planning import _same_device
+
+    cuda, cuda0, cuda1, cpu = (torch.device(x) for x in ("cuda", "cuda:0", "cuda:1", "cpu"))
+    assert _same_device(cuda, cuda0) and _same_device(cuda0, cuda) and _same_device(cuda1, cuda1)
+    assert not _same_device(cuda0, cuda1) and not _same_device(cpu, cuda0) and not _same_device(cuda, cpu)
