@@ -1179,6 +1179,22 @@ def print_rollout_table(rows: list[dict[str, Any]], device_type: str = "cuda") -
         )
 
 
+def _cem_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per CEM setting and dtype: each provider's milliseconds per decision and its speedup over eager."""
+    lines = []
+    groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r["benchmark"] == "cem_decision":
+            groups.setdefault((r["beliefs"], r["candidates"], r["H"], r["dtype"]), {})[r["provider"]] = r
+    for (beliefs, candidates, horizon, dtype), by_provider in groups.items():
+        parts = [f"{p} {r['median_ms']:.3g} ms" + (f" ({r['speedup_vs_eager']:.3g}x eager)"
+                                                   if p != "eager" and r["speedup_vs_eager"] is not None else "")
+                 for p, r in by_provider.items()]
+        lines.append(f"cem_decision, {beliefs} belief(s) x {candidates} candidates, horizon {horizon}, {dtype}: "
+                     + ", ".join(parts))
+    return lines
+
+
 def _rollout_summary(rows: list[dict[str, Any]]) -> str | None:
     """How many fastwm imagination rows reach the goal: >= 20x eager, >= 3x the best of compiled / graphed, at half
     the compute floor or better (a criterion whose baseline or floor is missing from the run counts as not met)."""
@@ -1301,7 +1317,8 @@ def _run_rollout(plan: _RolloutPlan, out: Path, device: torch.device, quick: boo
         plot_note = f"plot failed: {type(exc).__name__}: {exc}"
     if plot_note:
         notes.append(plot_note)
-    _print_summary_and_notes(_rollout_summary(rows), notes)
+    summary = "\n".join(line for line in (_rollout_summary(rows), *_cem_summary(rows)) if line)
+    _print_summary_and_notes(summary or None, notes)
     _write_rows(rows, out, ROLLOUT_JSON_NAME)
     if plot_note is None:
         print(f"wrote the throughput plot to {plot_path}")
