@@ -331,7 +331,7 @@ def _observe_split_fwd_kernel(
     hs, zq, qm, qs,  # out [T, B, D], [T, B, S] x 3 (X)
     z_in, h_in, a_in,  # saved [T, B, S], [T, B, D], [T, B, A] (X); a_in holds the action, resets applied
     x_pre, x_rstd, x_act, c_save, c_rstd, q_pre, q_rstd, q_y, q_raw,  # saved [T, B, ...] (C); q_pre: e @ W_q1e.T
-    count_ptr, part, stats,  # int32 [row blocks] zeros; scratch [P, B, 2S], [P, B, 3] (C)
+    count_ptr, part, stats,  # int32 [row blocks] zeros; scratch [2, P, B, 2S] (by step parity), [P, B, 3] (C)
     pz, ph, pxp, pxr, pxa, praw, pzq, pqm, pqs, phc,  # private scratch [P, B, ...]: S, D, Hd, 1, Hd, 2S, S x 3, D
     B, T, S, A, D, E, HD, C_W,
     CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, NOISE_Q: tl.constexpr,
@@ -355,7 +355,11 @@ def _observe_split_fwd_kernel(
         if t > 0:
             # step t - 1's posterior: its output layer from the P shares, then the sample
             raw_o = _pick(own, q_raw + (t - 1) * B * 2 * S, praw + pp * B * 2 * S)
-            _sum_parts(raw_o, part, b_q2, P, B, 2 * S, rows, rmask, COMPUTE, BLOCK_S2)
+            # step t - 1's shares sit in the half of its parity: a program that runs ahead writes step t's into
+            # the other half, so it never overwrites a share another program has still to read (with no cell and
+            # no norm, the barrier at the end of the step is the only one between this read and that write)
+            _sum_parts(raw_o, part + ((t - 1) % 2) * P * B * 2 * S, b_q2, P, B, 2 * S, rows, rmask, COMPUTE,
+                       BLOCK_S2)
             tl.debug_barrier()
             _gauss_fwd(raw_o, S, nq_ptr + (t - 1) * B * S, S, q_seed + t - 1, zq_o, S,
                        _pick(own, qm + (t - 1) * B * S, pqm + pp * B * S),
@@ -424,8 +428,8 @@ def _observe_split_fwd_kernel(
             _norm_act_apply(qpre, q_y + t * B * HD, HD, nw_q1, nb_q1, mean2, rstd2, rows, rmask, ACT, NORM,
                             COMPUTE, BLOCK_N, p, P)
             tl.debug_barrier()
-            _partial_out(part, q_y + t * B * HD, HD, w_q2, 2 * S, p, P, B, rows, rmask, COMPUTE, PREC, BLOCK_M,
-                         BLOCK_N, BLOCK_S2)
+            _partial_out(part + (t % 2) * P * B * 2 * S, q_y + t * B * HD, HD, w_q2, 2 * S, p, P, B, rows, rmask,
+                         COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_S2)
             n_bar += 1
             _grid_barrier(count, n_bar * P)
 
@@ -850,7 +854,8 @@ def _observe_split_fwd(
         return empty((n_split, bsz, max(width, 1)), like=z0, dtype=dtype)
 
     count = torch.zeros(n_rb, device=z0.device, dtype=torch.int32)
-    part, stats = scratch(2 * s, cdt), scratch(3, cdt)
+    part = empty((2, n_split, bsz, max(2 * s, 1)), like=z0, dtype=cdt)  # by step parity
+    stats = scratch(3, cdt)
     private = (scratch(s, dt), scratch(d, dt), scratch(hd, cdt), scratch(1, cdt), scratch(hd, cdt),
                scratch(2 * s, cdt), scratch(s, dt), scratch(s, dt), scratch(s, dt), scratch(d, dt))
     (z_in, h_in, a_in, x_pre, x_rstd, x_act, c_save, c_rstd, _, _, _, _, q_pre, q_rstd, q_y, q_raw) = saved

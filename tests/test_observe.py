@@ -241,6 +241,49 @@ def test_feature_split_observe_matches_float64_reference(device, p, cfg, recompu
         assert_close(a, e, torch.float32, f"d {name}")
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[2]], ids=["none"])
+def test_feature_split_survives_a_lagging_program(cfg, feature_split, monkeypatch):
+    """One program of the split forward loop left behind at every atomic (a stalled SM): the others run as far
+    ahead as the grid barriers let them, and the results are still the row split's. With no cell and no norm only
+    one grid barrier per step separates reading step t - 1's output shares from writing step t's: without the
+    parity halves of ``part`` a program running ahead overwrote shares a lagging one had still to read."""
+    import os
+    import time
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a lagging program is staged in the threaded interpreter (TRITON_INTERPRET=1)")
+    from triton.runtime import interpreter
+
+    from fastwm.kernels import observe as k
+
+    from . import concurrent
+
+    m = _model("cpu", torch.float32, deter=40, hidden=70, **cfg)
+    start, embed, action, first, noise, prior_noise = _inputs(m, 19, 4, seed=12)
+
+    def observe_stoch() -> torch.Tensor:
+        with torch.no_grad(), fastwm.backend("triton"):
+            post, prior = m.observe(embed, action, first, start, noise, prior_noise=prior_noise)
+        return torch.cat([post.stoch, post.mean, post.std, prior.mean, prior.std], -1)
+
+    with feature_split(1):
+        want = observe_stoch()
+    builder = interpreter.InterpreterBuilder
+    atomic = builder.create_atomic_rmw
+
+    def lagging_atomic(self, *args):
+        out = atomic(self, *args)
+        if getattr(concurrent._local, "grid_idx", None) == (0, 0, 0):
+            time.sleep(1.0)
+        return out
+
+    monkeypatch.setattr(builder, "create_atomic_rmw", lagging_atomic)
+    with feature_split(3):
+        assert k.split_programs(19, m.deter, 70, torch.device("cpu")) == 3
+        got = observe_stoch()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_feature_split_stays_off_where_programs_run_one_by_one(monkeypatch):
     """The stock interpreter runs programs one after another: a grid barrier there would wait forever, so the split
     is refused on the CPU unless the interpreter runs them concurrently; FEATURE_SPLIT 0 (the default) is off."""
