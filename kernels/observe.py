@@ -775,7 +775,7 @@ def observe_fwd(
     dt, cdt = z0.dtype, compute_dtype(z0.dtype)
     kl_dt = torch.float64 if dt == torch.float64 else torch.float32
     widths = _saved_widths(cell, norm, s, a_dim, d, hd)
-    if t_len * bsz * max(hd, 4 * d, e_dim, 2 * s) >= 2**31:
+    if t_len * bsz * max(hd, 4 * d, e_dim, 2 * s, a_dim) >= 2**31:
         raise ValueError("observe: T x B x width must stay below 2**31 elements per buffer")
 
     def buf(width: int | None, dtype: torch.dtype = cdt) -> torch.Tensor:

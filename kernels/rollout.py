@@ -125,13 +125,16 @@ def _rollout_kernel(
     if HAS_D:
         _copy_strided(hbuf, D, h0_ptr, D, D, rows, rmask, BLOCK_M, BLOCK_N)
     ret = tl.zeros([BLOCK_M], dtype=COMPUTE)
+    # the ping-pong slots' offsets in 64 bits: N x D passes 2**31 at 4.2 M trajectories of D 512
+    slot_s = (tl.full([], 0, tl.int64) + N) * S
+    slot_d = (tl.full([], 0, tl.int64) + N) * D
     tl.debug_barrier()
     for t in range(0, H):
         cur = t % 2
-        z_cur = zbuf + cur * N * S
-        h_cur = hbuf + cur * N * D
-        z_next = zbuf + (1 - cur) * N * S
-        h_next = hbuf + (1 - cur) * N * D
+        z_cur = zbuf + cur * slot_s
+        h_cur = hbuf + cur * slot_d
+        z_next = zbuf + (1 - cur) * slot_s
+        h_next = hbuf + (1 - cur) * slot_d
         # the action of step t
         if OPEN_LOOP:
             a_src = act_ptr + t * A
@@ -171,9 +174,9 @@ def _rollout_kernel(
                 ret += r
         tl.debug_barrier()
     last = H % 2
-    _copy_strided(out_final_stoch, S, zbuf + last * N * S, S, S, rows, rmask, BLOCK_M, BLOCK_N)
+    _copy_strided(out_final_stoch, S, zbuf + last * slot_s, S, S, rows, rmask, BLOCK_M, BLOCK_N)
     if HAS_D:
-        _copy_strided(out_final_deter, D, hbuf + last * N * D, D, D, rows, rmask, BLOCK_M, BLOCK_N)
+        _copy_strided(out_final_deter, D, hbuf + last * slot_d, D, D, rows, rmask, BLOCK_M, BLOCK_N)
     if REWARD == 2:
         tl.store(out_return + rows, ret.to(out_return.dtype.element_ty), mask=rmask)
 

@@ -338,6 +338,9 @@ def _lngru_fwd(x_ptr, ldx, X, h_ptr, D, w_ptr, nw_ptr, nb_ptr, parts_ptr, rstd_p
     tl.debug_barrier()
     mean, rstd = _row_stats(parts_ptr, 3 * D, rows, rmask, EPS, COMPUTE, BLOCK_M, BLOCK_N)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
+    # the gates overwrite parts in place, column chunk by chunk of D: other threads than the ones that read a
+    # column for the statistics may write it (write-after-read)
+    tl.debug_barrier()
     _lngru_gates(h_ptr, D, nw_ptr, nb_ptr, parts_ptr, mean, rstd, hout_ptr, rows, rmask, UPDATE_BIAS, COMPUTE,
                  BLOCK_N)
 
