@@ -13,9 +13,10 @@ a_{t-d+1}, ..., a_t, sampling each step's latent from its prior; f is the free-n
 to each (t, d) term before the means: max(0, KL - free) (``mode="shifted"``, google-research/planet's current code,
 as its one-step KL) or max(free, KL) (``mode="per_step"``, its first release). max(free, x) = free + max(0, x - free),
 so the two always differ by exactly ``free`` and have the same gradient. ``sg`` stops the gradient into the target
-posterior (PlaNet's ``os_stop_posterior_grad``, on by default there); the start of each open-loop rollout keeps its gradient, so the overshooting term trains the
-posterior that begins it as well as the prior steps. The d = 1 term is the ELBO's own KL and is not included: add
-``scale * latent_overshooting_kl(...)`` to the sequence ELBO's loss (PlaNet's ``overshooting_scale``).
+posterior (PlaNet's ``os_stop_posterior_grad``, on by default there); the start of each open-loop rollout keeps its
+gradient, so the overshooting term trains the posterior that begins it as well as the prior steps. The d = 1 term
+is the ELBO's own KL and is not included: add ``scale * latent_overshooting_kl(...)`` to the sequence ELBO's loss
+(PlaNet's ``overshooting_scale``).
 
 Counting: PlaNet's ``overshooting_distance`` is ``distance`` here (its rollouts predict 2 to that many steps ahead;
 its first release's ``overshooting`` setting D' went to D' + 1). A rollout that would pass the end of the sequence or

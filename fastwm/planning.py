@@ -145,11 +145,9 @@ class _Planner(nn.Module):
             mean[:, :-1] = self._plan[:, 1:]
         return mean
 
-    def _returns(self, state: State, actions: Tensor) -> Tensor:
-        """Sum over the horizon of the predicted rewards: state [B] beliefs, actions [B, N, H, A] -> [B, N]."""
-        return self._score(state.stoch, state.deter, actions)
-
-    def _score(self, stoch: Tensor, deter: Tensor, actions: Tensor) -> Tensor:
+    def _returns(self, stoch: Tensor, deter: Tensor, actions: Tensor) -> Tensor:
+        """Sum over the horizon of the predicted rewards: beliefs stoch [B, S] and deter [B, D], actions
+        [B, N, H, A] -> [B, N]."""
         b, n, h, a = actions.shape
         rssm = self.rssm
         stoch = stoch.repeat_interleave(n, dim=0)
@@ -216,7 +214,7 @@ class _Planner(nn.Module):
         std = self._bounds(mean)[2].expand_as(mean).clone()
         for _ in range(self.iterations):
             actions = self._sample(mean, std)
-            returns = self._score(stoch, deter, actions)
+            returns = self._returns(stoch, deter, actions)
             check_values({"the predicted returns (the reward summed over the horizon)": returns})
             mean, std = self._refit(actions, returns)
             std = std.clamp_min(self.min_std)

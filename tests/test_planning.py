@@ -36,7 +36,8 @@ def _reward(device) -> nn.Linear:
 
 
 def _planner(kind: str, m, reward, **kw):
-    g = torch.Generator().manual_seed(kw.pop("seed", 0))
+    seed = kw.pop("seed", 0)  # a CPU generator from it, unless a generator (or None) is given
+    g = kw.pop("generator") if "generator" in kw else torch.Generator().manual_seed(seed)
     if kind == "cem":
         kw.setdefault("top_k", max(2, kw.get("candidates", 1000) // 10))
         return fastwm.CEMPlanner(m, reward, generator=g, **kw)
@@ -83,7 +84,7 @@ def test_fused_returns_equal_reference_returns(device):
                                   lambda f: mlp_reward(f).squeeze(-1)), ("reference", "reference", mlp_reward)):
         planner = fastwm.CEMPlanner(m, reward, horizon=3, candidates=16, top_k=4)
         with fastwm.backend(backend), torch.no_grad():
-            scores[name] = planner._returns(state, cand)
+            scores[name] = planner._returns(state.stoch, state.deter, cand)
     expected = mlp_reward(cand).squeeze(-1).sum(-1)  # z_{t+1} = a_t
     for name, got in scores.items():
         torch.testing.assert_close(got.double(), expected, rtol=1e-9, atol=1e-9, msg=name)
@@ -106,7 +107,7 @@ def test_deterministic_scoring_follows_the_prior_mean(device, backend):
         planner = fastwm.CEMPlanner(m, _reward(device), horizon=3, candidates=16, top_k=4, stochastic=stochastic,
                                     generator=torch.Generator().manual_seed(0))
         with fastwm.backend(backend), torch.no_grad():
-            got[stochastic] = planner._returns(state, cand)
+            got[stochastic] = planner._returns(state.stoch, state.deter, cand)
     torch.testing.assert_close(got[False], expected, rtol=1e-9, atol=1e-9)
     assert (got[True] - expected).abs().max() > 0.1
 
@@ -227,10 +228,6 @@ def _tracking_reward(f: torch.Tensor) -> torch.Tensor:
     return -(f * f).sum(-1)
 
 
-def _graph_generator(device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 @pytest.mark.interpreter
 @pytest.mark.parametrize("kind", ["cem", "mppi"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -246,10 +243,9 @@ def test_cuda_graph_planner_follows_the_belief(device, kind, backend):
     horizon, candidates, iterations = (2, 48, 4) if small else (3, 1000, 8)
 
     def run(cuda_graph: bool, seed: int) -> tuple[list[torch.Tensor], object]:
-        make = fastwm.CEMPlanner if kind == "cem" else fastwm.MPPIPlanner
-        kw = {"candidates": candidates, "top_k": candidates // 8} if kind == "cem" else {"samples": candidates}
-        planner = make(m, _tracking_reward, horizon=horizon, iterations=iterations, cuda_graph=cuda_graph,
-                       generator=_graph_generator(device, seed), **kw)
+        top_k = {"top_k": candidates // 8} if kind == "cem" else {}
+        planner = _planner(kind, m, _tracking_reward, horizon=horizon, candidates=candidates, iterations=iterations,
+                           cuda_graph=cuda_graph, generator=torch.Generator(device=device).manual_seed(seed), **top_k)
         with fastwm.backend(backend):
             return [planner.plan(b) for b in beliefs], planner
 
@@ -327,10 +323,9 @@ def test_cuda_graph_replay_equals_eager_planning(device, kind, backend, reward_k
 
     def make(cuda_graph: bool):
         gen = torch.Generator(device=device).manual_seed(0) if own_generator else None
-        make_cls = fastwm.CEMPlanner if kind == "cem" else fastwm.MPPIPlanner
-        kw = {"candidates": 64, "top_k": 8} if kind == "cem" else {"samples": 64}
-        return make_cls(m, reward, horizon=4, iterations=3, warm_start=False, cuda_graph=cuda_graph, generator=gen,
-                        **kw), gen
+        top_k = {"top_k": 8} if kind == "cem" else {}
+        return _planner(kind, m, reward, horizon=4, candidates=64, iterations=3, warm_start=False,
+                        cuda_graph=cuda_graph, generator=gen, **top_k), gen
 
     def reseed(gen, seed: int) -> None:
         if gen is None:
