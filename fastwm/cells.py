@@ -4,7 +4,8 @@
 - :func:`layernorm_gru_cell`: the Dreamer LayerNorm GRU (DreamerV2, dreamerv3-torch).
 
 Both accept x [B, X] and h [B, D] (or unbatched [X] and [D], as GRUCell does) in any floating dtype; float64 computes
-in float64, the others accumulate in float32.
+in float64, the others accumulate in float32. Inside an autocast region for their device type, their float32, float16
+and bfloat16 arguments are cast to its dtype first, as autocast casts ``torch.nn.GRUCell``'s (see :mod:`fastwm._amp`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from torch import Tensor
 
 from . import reference
+from ._amp import autocast_on, cast_args, no_autocast
 from ._backend import use_triton
 from ._validation import check_float, check_like, check_tensor, check_values
 
@@ -55,6 +57,9 @@ def gru_cell(
     Returns:
         h' [B, D] in x's dtype. Differentiable with respect to every tensor argument.
     """
+    if isinstance(x, Tensor) and autocast_on(x.device):
+        with no_autocast(x.device):
+            return gru_cell(*cast_args(x.device, x, h, weight_ih, weight_hh, bias_ih, bias_hh))
     x, h, unbatched = _check_xh(x, h)
     d, xw = h.shape[-1], x.shape[-1]
     check_like("weight_ih", weight_ih, "x", x, shape=(3 * d, xw))
@@ -98,6 +103,10 @@ def layernorm_gru_cell(
         eps: the LayerNorm eps (1e-3 in dreamerv3-torch).
         update_bias: added to the update gate before its sigmoid (-1 in Dreamer).
     """
+    if isinstance(x, Tensor) and autocast_on(x.device):
+        with no_autocast(x.device):
+            x, h, weight, norm_weight, norm_bias = cast_args(x.device, x, h, weight, norm_weight, norm_bias)
+            return layernorm_gru_cell(x, h, weight, norm_weight, norm_bias, eps=eps, update_bias=update_bias)
     x, h, unbatched = _check_xh(x, h)
     d, xw = h.shape[-1], x.shape[-1]
     check_like("weight", weight, "x", x, shape=(3 * d, xw + d))

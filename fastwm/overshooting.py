@@ -68,8 +68,10 @@ def _args(rssm: object, post: object, action: object, distance: object, is_first
         raise ValueError(f"post.stoch must have shape [B, T, {rssm.stoch}], got {got}")
     b, t_len = post.stoch.shape[:2]
     widths = {"deter": rssm.deter, "stoch": rssm.stoch, "mean": rssm.stoch, "std": rssm.stoch}
-    post = State(*(rssm._check_input(f"post.{n}", part, widths[n], (b, t_len)) for n, part in zip(State._fields, post)))
-    action = rssm._check_input("action", action, rssm.action_dim, (b, t_len))
+    amp = rssm._amp()  # under autocast: everything in its dtype, as observe returned the posterior
+    post = State(*(rssm._check_input(f"post.{n}", part, widths[n], (b, t_len), amp)
+                   for n, part in zip(State._fields, post)))
+    action = rssm._check_input("action", action, rssm.action_dim, (b, t_len), amp)
     if isinstance(distance, bool) or not isinstance(distance, int) or distance < 2:
         raise ValueError(f"distance must be an int >= 2 (the longest open-loop prediction, in steps; 1 is the ELBO's "
                          f"own KL), got {distance!r}")
@@ -77,11 +79,11 @@ def _args(rssm: object, post: object, action: object, distance: object, is_first
     if first is None:
         first = torch.zeros(b, t_len, dtype=torch.bool, device=post.stoch.device)
     k_len = min(distance, t_len)
-    init = rssm.initial(b) if state is None else rssm._check_state(state)
+    init = rssm._initial(b, amp) if state is None else rssm._check_state(state, amp=amp)
     if init.stoch.shape[0] != b:
         raise ValueError(f"state must have batch size {b} (from post), got {init.stoch.shape[0]}")
     if noise is not None:
-        noise = rssm._check_input("noise", noise, rssm.stoch, (b, t_len, k_len))
+        noise = rssm._check_input("noise", noise, rssm.stoch, (b, t_len, k_len), amp)
     check_values({"post.deter": post.deter, "post.stoch": post.stoch, "post.mean": post.mean, "action": action,
                   "noise": noise}, {"post.std": post.std})
     return post, action, b, t_len, k_len, first, init
@@ -93,7 +95,7 @@ def _rollouts(rssm: RSSM, post: State, action: Tensor, first: Tensor, init: Stat
     (their outputs are not to be used)."""
     b, t_len = post.stoch.shape[:2]
     device = post.stoch.device
-    reset = rssm.initial(b)
+    reset = rssm._initial(b, post.stoch.dtype)
     # The state before each step, as observe saw it: the posterior of the step before, the given state before step
     # 0, RSSM.initial at a reset (the given state included).
     keep = ~first[..., None]

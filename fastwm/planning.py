@@ -26,9 +26,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ._amp import autocast_again, no_autocast, outer_dtype
 from ._backend import get_backend, use_triton
 from ._validation import check_float, check_positive_int, check_values
-from .rollout import imagine_fused, pack_mlp
+from .rollout import cast_mlp, imagine_fused, pack_mlp
 from .rssm import RSSM, State
 
 __all__ = ["CEMPlanner", "MPPIPlanner"]
@@ -112,6 +113,7 @@ class _Planner(nn.Module):
         # would be a blocking host-to-device copy every iteration
         self._consts: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._graphs: dict[tuple, _Captured] = {}
+        self._outer: torch.dtype | None = None  # the caller's autocast dtype while a plan runs (its body runs without)
 
     def reset(self) -> None:
         """Forget the previous plan (start of an episode). Captured CUDA graphs are kept (see :meth:`clear_graphs`)."""
@@ -145,11 +147,12 @@ class _Planner(nn.Module):
             mean[:, :-1] = self._plan[:, 1:]
         return mean
 
-    def _returns(self, stoch: Tensor, deter: Tensor, actions: Tensor) -> Tensor:
+    def _returns(self, stoch: Tensor, deter: Tensor, actions: Tensor, w: tuple | None = None) -> Tensor:
         """Sum over the horizon of the predicted rewards: beliefs stoch [B, S] and deter [B, D], actions
-        [B, N, H, A] -> [B, N]."""
+        [B, N, H, A] -> [B, N]. ``w``: the model's weights in the belief's dtype (cast here when None)."""
         b, n, h, a = actions.shape
         rssm = self.rssm
+        device = stoch.device
         stoch = stoch.repeat_interleave(n, dim=0)
         deter = deter.repeat_interleave(n, dim=0)
         flat = actions.reshape(b * n, h, a)
@@ -157,18 +160,22 @@ class _Planner(nn.Module):
         noise = None if self.stochastic else stoch.new_zeros(b * n, h, rssm.stoch)
         gen = self.generator if self.stochastic else None
         if use_triton(stoch):
-            packed = pack_mlp(self.reward, rssm.feature_dim, 1)
+            w = w or rssm.weights(stoch.dtype)
+            # under autocast a plain MLP reward runs in its dtype, as autocast would run its Linear layers
+            packed = cast_mlp(pack_mlp(self.reward, rssm.feature_dim, 1), self._outer and stoch.dtype)
             if packed is not None and packed.layers[0][0].dtype == stoch.dtype:
-                out = imagine_fused(rssm.config, rssm.weights(), stoch, deter, h, actions=flat, reward=packed,
+                out = imagine_fused(rssm.config, w, stoch, deter, h, actions=flat, reward=packed,
                                     reward_sum=True, write_state=False, noise=noise, generator=gen)
                 return out.ret.reshape(b, n)
-            out = imagine_fused(rssm.config, rssm.weights(), stoch, deter, h, actions=flat, write_state=False,
+            out = imagine_fused(rssm.config, w, stoch, deter, h, actions=flat, write_state=False,
                                 write_feat=True, noise=noise, generator=gen)
             feats = out.features
         else:
-            dream = rssm.imagine(flat, State(deter, stoch, stoch, stoch), noise, generator=gen)
+            with autocast_again(device, self._outer):  # imagine takes the autocast dtype's belief only under it
+                dream = rssm.imagine(flat, State(deter, stoch, stoch, stoch), noise, generator=gen)
             feats = rssm.features(dream)
-        r = self.reward(feats)
+        with autocast_again(device, self._outer):
+            r = self.reward(feats)
         if not isinstance(r, Tensor):
             raise TypeError(f"reward must return a torch.Tensor of rewards, got {type(r).__name__}")
         if r.dim() == feats.dim() and r.shape[-1] == 1:
@@ -188,9 +195,9 @@ class _Planner(nn.Module):
         return torch.max(torch.min(cand, high), low)
 
     def _check_state(self, state: object) -> State:
+        """The beliefs checked; under autocast also in its dtype, and cast to it (see :mod:`fastwm._amp`)."""
         rssm = self.rssm
-        state = rssm._check_state(state)
-        return state
+        return rssm._check_state(state, amp=rssm._amp())
 
     def _refit(self, actions: Tensor, returns: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -201,20 +208,26 @@ class _Planner(nn.Module):
         state = self._check_state(state)
         check_values({"state.stoch": state.stoch, "state.deter": state.deter})
         b = state.stoch.shape[0]
-        mean = self._initial_mean(b, state.stoch)
-        if self.cuda_graph and state.stoch.is_cuda and b > 0:
-            mean = self._replay(state.stoch, state.deter, mean)
-        else:
-            mean = self._iterate(state.stoch, state.deter, mean)
+        device = state.stoch.device
+        # Under autocast the plan is made in its dtype with autocast off (the refit's reductions would otherwise
+        # leave it piecewise in float32); the reward, a user callable, runs in the caller's autocast region.
+        self._outer = outer_dtype(device)
+        with no_autocast(device):
+            mean = self._initial_mean(b, state.stoch)
+            if self.cuda_graph and state.stoch.is_cuda and b > 0:
+                mean = self._replay(state.stoch, state.deter, mean)
+            else:
+                mean = self._iterate(state.stoch, state.deter, mean)
         self._plan = mean
         return mean
 
     def _iterate(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> Tensor:
         """The planner's iterations from the initial plan ``mean`` [B, H, A]: the refined plan."""
         std = self._bounds(mean)[2].expand_as(mean).clone()
+        w = self.rssm.weights(stoch.dtype)  # cast once per decision under autocast (else the parameters)
         for _ in range(self.iterations):
             actions = self._sample(mean, std)
-            returns = self._returns(stoch, deter, actions)
+            returns = self._returns(stoch, deter, actions, w)
             check_values({"the predicted returns (the reward summed over the horizon)": returns})
             mean, std = self._refit(actions, returns)
             std = std.clamp_min(self.min_std)
@@ -224,16 +237,18 @@ class _Planner(nn.Module):
 
     def _graph_key(self, stoch: Tensor) -> tuple:
         """What a captured decision depends on besides the values it reads: the belief count, dtype and device, the
-        backend and matmul precision, the planner's settings, generator and reward, the bounds, and the storage of
-        every weight and buffer of the model and the reward (a moved or re-created one needs a new capture)."""
+        caller's autocast dtype, the backend and matmul precision, the planner's settings, generator and reward, the
+        bounds, and the storage of every weight and buffer of the model and the reward (a moved or re-created one
+        needs a new capture)."""
         tensors = [*self.rssm.parameters(), *self.rssm.buffers()]
         if isinstance(self.reward, nn.Module):
             tensors += [*self.reward.parameters(), *self.reward.buffers()]
         settings = (self.horizon, self.samples, self.iterations, self.min_std, self.stochastic,
                     getattr(self, "top_k", None), getattr(self, "temperature", None))
-        return (stoch.shape[0], stoch.dtype, stoch.device, get_backend(), torch.get_float32_matmul_precision(),
-                torch.backends.cuda.matmul.allow_tf32, settings, id(self.generator), id(self.reward),
-                self._bounds_key(), tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors))
+        return (stoch.shape[0], stoch.dtype, stoch.device, self._outer, get_backend(),
+                torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, settings,
+                id(self.generator), id(self.reward), self._bounds_key(),
+                tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors))
 
     def _replay(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> Tensor:
         gen = self.generator

@@ -90,6 +90,14 @@ def pack_mlp(module: object, in_features: int, out_features: int) -> PackedMLP |
     return PackedMLP(layers, _IDENTITY if hidden_act is None else hidden_act, out_act)
 
 
+def cast_mlp(packed: PackedMLP | None, dtype: torch.dtype | None) -> PackedMLP | None:
+    """``packed`` with its weights in ``dtype`` (as autocast would run its Linear layers); as it is when either is
+    None."""
+    if packed is None or dtype is None:
+        return packed
+    return PackedMLP([(w.to(dtype), b.to(dtype)) for w, b in packed.layers], packed.act, packed.out_act)
+
+
 class RolloutOutput(NamedTuple):
     """What :func:`imagine_fused` returns; fields not asked for are None. deter / stoch / mean / std [N, H, ...],
     features [N, H, S + D], actions [N, H, A] (closed loop), reward [N, H] or ret [N] (fp32, fp64 for fp64),

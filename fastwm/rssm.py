@@ -21,11 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from ._amp import autocast_again, autocast_dtype, cast, no_autocast, outer_dtype
 from ._backend import use_triton
 from ._validation import check_positive_int, check_values, get_validate_args
 from .gaussian import _check_min_std
 from .observe import fused_observe
-from .rollout import imagine_fused, needs_grad, pack_mlp
+from .rollout import cast_mlp, imagine_fused, needs_grad, pack_mlp
 from .step import posterior_step, prior_step
 
 __all__ = ["RSSM", "State", "LayerNormGRUCell"]
@@ -194,8 +195,11 @@ class RSSM(nn.Module):
                 f"hidden={self.hidden}, cell={c.cell!r}, act={c.act!r}, std_mode={c.std_mode!r}, "
                 f"min_std={c.min_std}, norm={c.norm}")
 
-    def weights(self) -> reference.StepWeights:
-        """The step's weights as a :class:`fastwm.reference.StepWeights` (the layout the kernels read)."""
+    def weights(self, dtype: torch.dtype | None = None) -> reference.StepWeights:
+        """The step's weights as a :class:`fastwm.reference.StepWeights` (the layout the kernels read); with
+        ``dtype``, cast to it (differentiably: what autocast runs, see :mod:`fastwm._amp`)."""
+        if dtype is not None and dtype != self._like().dtype:
+            return reference.StepWeights(*(cast(t, dtype) for t in self.weights()))
         cell = self.cell
         if isinstance(cell, nn.GRUCell):
             cw, cw2, cb, cb2, cnw, cnb = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, None, None
@@ -213,14 +217,23 @@ class RSSM(nn.Module):
     def _like(self) -> Tensor:
         return self.prior2.weight
 
+    def _amp(self) -> torch.dtype | None:
+        """The dtype autocast makes this model compute in, or None (no autocast region, or parameters that are not
+        float32): see :mod:`fastwm._amp`."""
+        return autocast_dtype(self._like())
+
     def initial(self, batch_size: int) -> State:
         """The initial state: zeros for deter, stoch and mean, ones for std (TorchRL's and Dreamer V1's zero state).
-        ``batch_size`` 0 gives empty [0, ...] fields."""
+        ``batch_size`` 0 gives empty [0, ...] fields. In the parameters' dtype, autocast or not (the steps take it
+        under autocast too)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
+        return self._initial(batch_size, None)
+
+    def _initial(self, batch_size: int, dtype: torch.dtype | None) -> State:
         w = self._like()
-        zeros = torch.zeros(batch_size, self.stoch, device=w.device, dtype=w.dtype)
-        return State(w.new_zeros(batch_size, self.deter), zeros, zeros.clone(), torch.ones_like(zeros))
+        zeros = torch.zeros(batch_size, self.stoch, device=w.device, dtype=dtype or w.dtype)
+        return State(zeros.new_zeros(batch_size, self.deter), zeros, zeros.clone(), torch.ones_like(zeros))
 
     def features(self, state: State) -> Tensor:
         """cat([stoch, deter]) along the last dim: [..., S + D]."""
@@ -232,7 +245,9 @@ class RSSM(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------------
 
-    def _check_state(self, state: object, name: str = "state") -> State:
+    def _check_state(self, state: object, name: str = "state", amp: torch.dtype | None = None) -> State:
+        """``state`` checked (a State or a 4-tuple of [B, S] / [B, D] tensors like the parameters); under autocast
+        (``amp``: see :meth:`_amp`) also one in ``amp``, and returned cast to it."""
         if not isinstance(state, State):
             if isinstance(state, tuple) and len(state) == 4:
                 state = State(*state)
@@ -244,8 +259,9 @@ class RSSM(nn.Module):
             if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[-1] != width:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name}.{field} must have shape [B, {width}], got {got}")
-            if t.dtype != w.dtype or t.device != w.device:
-                raise TypeError(f"{name}.{field} must be {w.dtype} on {w.device} like the RSSM's parameters, "
+            if t.dtype not in (w.dtype, amp) or t.device != w.device:
+                also = f" (or autocast's {amp})" if amp is not None else ""
+                raise TypeError(f"{name}.{field} must be {w.dtype}{also} on {w.device} like the RSSM's parameters, "
                                 f"got {t.dtype} on {t.device}")
         if state.deter.shape[0] != state.stoch.shape[0]:
             raise ValueError(f"{name}.deter and {name}.stoch must have the same batch size, got "
@@ -255,7 +271,7 @@ class RSSM(nn.Module):
             if not isinstance(t, Tensor) or t.shape != state.stoch.shape:
                 got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name}.{field} must have {name}.stoch's shape {list(state.stoch.shape)}, got {got}")
-        return state
+        return State(*(cast(t, amp) for t in state)) if amp is not None else state
 
     def _check_values(self, finite: dict[str, Tensor | None]) -> None:
         """Value checks of ``finite`` and of every parameter, in one host sync (when set_validate_args is on): a NaN
@@ -263,34 +279,41 @@ class RSSM(nn.Module):
         if get_validate_args():
             check_values({**finite, **{f"RSSM parameter {n}": p.detach() for n, p in self.named_parameters()}})
 
-    def _check_input(self, name: str, t: object, width: int, lead: tuple[int, ...]) -> Tensor:
+    def _check_input(self, name: str, t: object, width: int, lead: tuple[int, ...],
+                     amp: torch.dtype | None = None) -> Tensor:
+        """``t`` checked: shape [*lead, width], the parameters' dtype and device; under autocast (``amp``) also the
+        autocast dtype, and returned cast to it."""
         w = self._like()
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         want = (*lead, width)
         if tuple(t.shape) != want:
             raise ValueError(f"{name} must have shape {list(want)} (width {width}), got {list(t.shape)}")
-        if t.dtype != w.dtype:
-            raise TypeError(f"{name} must have the RSSM parameters' dtype {w.dtype}, got {t.dtype}")
+        if t.dtype not in (w.dtype, amp):
+            also = f" (or autocast's {amp})" if amp is not None else ""
+            raise TypeError(f"{name} must have the RSSM parameters' dtype {w.dtype}{also}, got {t.dtype}")
         if t.device != w.device:
             raise ValueError(f"{name} must be on the RSSM parameters' device {w.device}, got {t.device}")
-        return t
+        return cast(t, amp)
 
     def img_step(self, state: State, action: Tensor, noise: Tensor | None = None, *,
                  generator: torch.Generator | None = None) -> State:
         """The prior step (imagination): state at t-1 and action [B, A] -> the prior State at t. ``noise`` [B, S]."""
-        state = self._check_state(state)
+        amp = self._amp()
+        state = self._check_state(state, amp=amp)
         b = state.stoch.shape[0]
-        action = self._check_input("action", action, self.action_dim, (b,))
+        action = self._check_input("action", action, self.action_dim, (b,), amp)
         if noise is not None:
-            noise = self._check_input("noise", noise, self.stoch, (b,))
+            noise = self._check_input("noise", noise, self.stoch, (b,), amp)
         self._check_values({"state.stoch": state.stoch, "action": action, "state.deter": state.deter, "noise": noise})
-        return self._img_step(state, action, noise, generator)
+        with no_autocast(state.stoch.device):
+            return self._img_step(state, action, noise, generator, self.weights(amp))
 
     def _img_step(self, state: State, action: Tensor, noise: Tensor | None,
-                  generator: torch.Generator | None) -> State:
-        # img_step on inputs already checked (the time loops check a whole sequence once, not every step)
-        deter, z, mean, std = prior_step(self.config, self.weights(), state.stoch, action, state.deter, noise,
+                  generator: torch.Generator | None, w: reference.StepWeights | None = None) -> State:
+        # img_step on inputs already checked (the time loops check a whole sequence once, not every step); ``w`` the
+        # weights in the computing dtype (the parameters when None)
+        deter, z, mean, std = prior_step(self.config, w or self.weights(), state.stoch, action, state.deter, noise,
                                          generator=generator, validate=False)
         return State(deter, z, mean, std)
 
@@ -301,29 +324,32 @@ class RSSM(nn.Module):
 
         ``noise`` [B, S] is the posterior's; the prior's sample uses ``prior_noise`` (drawn when None). With
         ``return_kl`` it also returns KL(post || prior) [B], computed by the same fused step."""
-        state = self._check_state(state)
+        amp = self._amp()
+        state = self._check_state(state, amp=amp)
         b = state.stoch.shape[0]
-        action = self._check_input("action", action, self.action_dim, (b,))
-        embed = self._check_input("embed", embed, self.embed_dim, (b,))
+        action = self._check_input("action", action, self.action_dim, (b,), amp)
+        embed = self._check_input("embed", embed, self.embed_dim, (b,), amp)
         if noise is not None:
-            noise = self._check_input("noise", noise, self.stoch, (b,))
+            noise = self._check_input("noise", noise, self.stoch, (b,), amp)
         if prior_noise is not None:
-            prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b,))
+            prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b,), amp)
         self._check_values({"state.stoch": state.stoch, "action": action, "state.deter": state.deter, "embed": embed,
                             "noise": noise, "prior_noise": prior_noise})
-        post, prior, kl = self._obs_step(state, action, embed, noise, prior_noise, generator)
+        with no_autocast(embed.device):
+            post, prior, kl = self._obs_step(state, action, embed, noise, prior_noise, generator, self.weights(amp))
         return (post, prior, kl) if return_kl else (post, prior)
 
     def _obs_step(self, state: State, action: Tensor, embed: Tensor, noise: Tensor | None,
-                  prior_noise: Tensor | None, generator: torch.Generator | None) -> tuple[State, State, Tensor]:
-        # obs_step on inputs already checked, with the KL
-        deter, qz, qm, qs, pz, pm, ps, kl = posterior_step(self.config, self.weights(), state.stoch, action,
+                  prior_noise: Tensor | None, generator: torch.Generator | None,
+                  w: reference.StepWeights | None = None) -> tuple[State, State, Tensor]:
+        # obs_step on inputs already checked, with the KL (``w``: as in _img_step)
+        deter, qz, qm, qs, pz, pm, ps, kl = posterior_step(self.config, w or self.weights(), state.stoch, action,
                                                            state.deter, embed, noise, prior_noise,
                                                            generator=generator, validate=False)
         return State(deter, qz, qm, qs), State(deter, pz, pm, ps), kl
 
     def _reset(self, state: State, action: Tensor, first: Tensor) -> tuple[State, Tensor]:
-        init = self.initial(state.stoch.shape[0])
+        init = self._initial(state.stoch.shape[0], state.stoch.dtype)
         keep = ~first[:, None]
         state = State(*(torch.where(keep, s, i) for s, i in zip(state, init)))
         return state, torch.where(keep, action, torch.zeros_like(action))
@@ -350,42 +376,47 @@ class RSSM(nn.Module):
             raise ValueError(f"embed must have shape [B, T, {self.embed_dim}], got "
                              f"{list(embed.shape) if isinstance(embed, Tensor) else type(embed).__name__}")
         b, t_len = embed.shape[:2]
-        embed = self._check_input("embed", embed, self.embed_dim, (b, t_len))
-        action = self._check_input("action", action, self.action_dim, (b, t_len))
+        amp = self._amp()
+        embed = self._check_input("embed", embed, self.embed_dim, (b, t_len), amp)
+        action = self._check_input("action", action, self.action_dim, (b, t_len), amp)
         if noise is not None:
-            noise = self._check_input("noise", noise, self.stoch, (b, t_len))
+            noise = self._check_input("noise", noise, self.stoch, (b, t_len), amp)
         if prior_noise is not None:
-            prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b, t_len))
+            prior_noise = self._check_input("prior_noise", prior_noise, self.stoch, (b, t_len), amp)
         if noise is not None and prior_noise is not None and generator is not None:
             raise ValueError("give either noise and prior_noise or generator, not all three (the generator only "
                              "draws noise)")
         is_first = check_is_first(is_first, b, t_len, embed.device)
-        state = self.initial(b) if state is None else self._check_state(state)
+        state = self._initial(b, amp) if state is None else self._check_state(state, amp=amp)
         if state.stoch.shape[0] != b:
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
         self._check_values({"embed": embed, "action": action, "state.stoch": state.stoch, "state.deter": state.deter,
                             "noise": noise, "prior_noise": prior_noise})
-        if use_triton(embed) and t_len > 0:
-            deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, self.weights(), state.stoch, state.deter,
-                                                              embed, action, is_first, noise, prior_noise, generator,
-                                                              recompute)
-            post_s, prior_s = State(deter, qz, qm, qs), State(deter, pz, pm, ps)
-        else:
-            post_s, prior_s, kl = self._observe_steps(embed, action, is_first, state, noise, prior_noise, generator)
+        with no_autocast(embed.device):
+            w = self.weights(amp)
+            if use_triton(embed) and t_len > 0:
+                deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, w, state.stoch, state.deter, embed,
+                                                                  action, is_first, noise, prior_noise, generator,
+                                                                  recompute)
+                post_s, prior_s = State(deter, qz, qm, qs), State(deter, pz, pm, ps)
+            else:
+                post_s, prior_s, kl = self._observe_steps(embed, action, is_first, state, noise, prior_noise,
+                                                          generator, w)
         return (post_s, prior_s, kl) if return_kl else (post_s, prior_s)
 
     def _observe_steps(self, embed: Tensor, action: Tensor, is_first: Tensor | None, state: State,
-                       noise: Tensor | None, prior_noise: Tensor | None,
-                       generator: torch.Generator | None) -> tuple[State, State, Tensor]:
+                       noise: Tensor | None, prior_noise: Tensor | None, generator: torch.Generator | None,
+                       w: reference.StepWeights | None = None) -> tuple[State, State, Tensor]:
         """observe as a Python loop of :meth:`obs_step` over T (inputs already checked): the reference backend's
         path, and on the Triton backend the per-step fused kernels (the benchmarks' "fused-steps" baseline)."""
+        w = w or self.weights()
         posts, priors, kls = [], [], []
         for t in range(embed.shape[1]):
             a = action[:, t]
             if is_first is not None:
                 state, a = self._reset(state, a, is_first[:, t])
             post, prior, kl = self._obs_step(state, a, embed[:, t], None if noise is None else noise[:, t],
-                                             None if prior_noise is None else prior_noise[:, t], generator)
+                                             None if prior_noise is None else prior_noise[:, t], generator, w)
             posts.append(post)
             priors.append(prior)
             kls.append(kl)
@@ -403,29 +434,32 @@ class RSSM(nn.Module):
 
         Differentiable (one fused step per t) when a gradient is needed; otherwise (``torch.no_grad()``, or nothing
         requires grad) the whole horizon runs in one kernel launch on the Triton backend."""
-        state = self._check_state(state)
+        amp = self._amp()
+        state = self._check_state(state, amp=amp)
         b = state.stoch.shape[0]
         if not isinstance(actions, Tensor) or actions.dim() != 3:
             raise ValueError(f"actions must have shape [B, H, {self.action_dim}], got "
                              f"{list(actions.shape) if isinstance(actions, Tensor) else type(actions).__name__}")
         h_len = actions.shape[1]
-        actions = self._check_input("actions", actions, self.action_dim, (b, h_len))
+        actions = self._check_input("actions", actions, self.action_dim, (b, h_len), amp)
         if noise is not None:
-            noise = self._check_input("noise", noise, self.stoch, (b, h_len))
+            noise = self._check_input("noise", noise, self.stoch, (b, h_len), amp)
             if generator is not None:
                 raise ValueError("give either noise or generator, not both (the generator only draws noise)")
         self._check_values({"actions": actions, "state.stoch": state.stoch, "state.deter": state.deter,
                             "noise": noise})
-        if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
-            # No gradient needed: the whole horizon in one kernel launch.
-            out = imagine_fused(self.config, self.weights(), state.stoch, state.deter, h_len, actions=actions,
-                                noise=noise, generator=generator)
-            return State(out.deter, out.stoch, out.mean, out.std)
-        states = []
-        for t in range(h_len):
-            state = self._img_step(state, actions[:, t], None if noise is None else noise[:, t], generator)
-            states.append(state)
-        return stack_states(states, like=state)
+        with no_autocast(actions.device):
+            w = self.weights(amp)
+            if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
+                # No gradient needed: the whole horizon in one kernel launch.
+                out = imagine_fused(self.config, w, state.stoch, state.deter, h_len, actions=actions, noise=noise,
+                                    generator=generator)
+                return State(out.deter, out.stoch, out.mean, out.std)
+            states = []
+            for t in range(h_len):
+                state = self._img_step(state, actions[:, t], None if noise is None else noise[:, t], generator, w)
+                states.append(state)
+            return stack_states(states, like=state)
 
     def rollout(self, policy: Callable[[Tensor], Tensor], state: State, horizon: int, *,
                 generator: torch.Generator | None = None) -> tuple[State, Tensor]:
@@ -433,29 +467,38 @@ class RSSM(nn.Module):
         ``horizon`` steps -> (State [B, H, ...], actions [B, H, A]).
 
         When no gradient is needed and ``policy`` is a plain MLP (see :func:`fastwm.rollout.pack_mlp`), the whole
-        loop, the policy included, runs in one kernel launch on the Triton backend."""
-        state = self._check_state(state)
+        loop, the policy included, runs in one kernel launch on the Triton backend.
+
+        Under autocast (see :mod:`fastwm._amp`) the policy runs inside the caller's autocast region, and its actions
+        are taken in the autocast dtype; the in-kernel policy reads its weights cast to that dtype."""
+        amp = self._amp()
+        state = self._check_state(state, amp=amp)
         check_positive_int("horizon", horizon)
         if not callable(policy):
             raise TypeError(f"policy must be callable (features [B, S + D] -> actions [B, A]), got "
                             f"{type(policy).__name__}")
         self._check_values({"state.stoch": state.stoch, "state.deter": state.deter})
         b = state.stoch.shape[0]
-        if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, module=self) and not (
-                isinstance(policy, nn.Module) and needs_grad(module=policy)):
-            packed = pack_mlp(policy, self.feature_dim, self.action_dim)
-            if packed is not None and packed.layers[0][0].dtype == state.stoch.dtype:
-                # A plain MLP policy and no gradient needed: the closed loop runs inside one kernel launch.
-                out = imagine_fused(self.config, self.weights(), state.stoch, state.deter, horizon, policy=packed,
-                                    generator=generator)
-                return State(out.deter, out.stoch, out.mean, out.std), out.actions
-        states, actions = [], []
-        for _ in range(horizon):
-            a = policy(self.features(state))
-            a = self._check_input("policy output", a, self.action_dim, (b,))
-            if get_validate_args():
-                check_values({"policy output": a})
-            state = self._img_step(state, a, None, generator)
-            states.append(state)
-            actions.append(a)
-        return stack_states(states), torch.stack(actions, dim=1)
+        device = state.stoch.device
+        outer = outer_dtype(device)
+        with no_autocast(device):
+            w = self.weights(amp)
+            if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, module=self) and not (
+                    isinstance(policy, nn.Module) and needs_grad(module=policy)):
+                packed = cast_mlp(pack_mlp(policy, self.feature_dim, self.action_dim), amp)
+                if packed is not None and packed.layers[0][0].dtype == state.stoch.dtype:
+                    # A plain MLP policy and no gradient needed: the closed loop runs inside one kernel launch.
+                    out = imagine_fused(self.config, w, state.stoch, state.deter, horizon, policy=packed,
+                                        generator=generator)
+                    return State(out.deter, out.stoch, out.mean, out.std), out.actions
+            states, actions = [], []
+            for _ in range(horizon):
+                with autocast_again(device, outer):
+                    a = policy(self.features(state))
+                a = self._check_input("policy output", a, self.action_dim, (b,), amp)
+                if get_validate_args():
+                    check_values({"policy output": a})
+                state = self._img_step(state, a, None, generator, w)
+                states.append(state)
+                actions.append(a)
+            return stack_states(states), torch.stack(actions, dim=1)
