@@ -11,7 +11,7 @@ one command may run 10 minutes: a single call of this, with a deadline well insi
 Phase 1 runs in parallel, because its cost is compilation, on the CPU cores:
 
 * ``tests``: pytest ``--device cuda`` over the kernel tests of observe, rollout, the step and planning, and beside
-  it ``tests-more`` over rssm, gaussian, kl, elbo, compile, backend and validation (``--test-workers`` processes
+  it ``tests-more`` over rssm, gaussian, kl, elbo, compile, backend, validation and amp (``--test-workers`` processes
   between them);
 * ``split``: observe's feature-split test alone (its programs meet at grid barriers that have never run on a GPU;
   a hang is ended by pytest-timeout after 90 s, or killed at the step's limit), then, if it passed, the split's tune
@@ -76,7 +76,7 @@ KEEP = ("session.json", "tests.log", "rssm/bench_rssm.json", "rssm/bench_rssm.pa
 # the rest beside them (xdist hands tests out in file order, so a step stopped at its limit has run the first ones).
 TEST_FILES = ("test_observe", "test_rollout", "test_step", "test_planning")
 MORE_TEST_FILES = ("test_rssm", "test_gaussian", "test_kl_loss", "test_elbo", "test_compile", "test_backend",
-                   "test_validation")
+                   "test_validation", "test_amp")
 
 # What phase 2 times. Each list is the `python -m fastwm bench` arguments after "bench", without --out / --device.
 OBSERVE = ["--suite", "rssm", "--ops", "observe", "--providers", "eager,graphed,fused-steps,fastwm,recompute"]
