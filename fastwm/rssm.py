@@ -404,6 +404,13 @@ class RSSM(nn.Module):
                                                           generator, w)
         return (post_s, prior_s, kl) if return_kl else (post_s, prior_s)
 
+    def forward(self, embed: Tensor, action: Tensor, is_first: Tensor | None = None, state: State | None = None,
+                noise: Tensor | None = None, **kwargs) -> tuple[State, State] | tuple[State, State, Tensor]:
+        """:meth:`observe` (the same arguments and results), so that ``rssm(embed, action, is_first)`` works, and
+        with it module hooks, ``torch.compile(rssm)`` and ``DistributedDataParallel``, which only prepares the
+        gradient all-reduce for what runs through the wrapper's forward."""
+        return self.observe(embed, action, is_first, state, noise, **kwargs)
+
     def _observe_steps(self, embed: Tensor, action: Tensor, is_first: Tensor | None, state: State,
                        noise: Tensor | None, prior_noise: Tensor | None, generator: torch.Generator | None,
                        w: reference.StepWeights | None = None) -> tuple[State, State, Tensor]:

@@ -851,3 +851,43 @@ def test_unused_heads_get_no_gradient(cfg, device, impl):
             assert grads["fused"]["prior2.weight"] is None and grads["fused"]["post2.weight"] is not None
         if name in ("obs_step-prior", "observe1-prior"):
             assert grads["fused"]["post2.weight"] is None and grads["fused"]["prior2.weight"] is not None
+
+
+def test_forward_is_observe_and_runs_under_ddp(device, impl):
+    """rssm(...) is observe (forward hooks see it), and DistributedDataParallel (one process, gloo) wraps it: its
+    gradients are observe's."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    model = _rssm(RSSM_CONFIGS["gru-elu-softplus"], device, torch.float32)
+    g = _gen(3)
+    embed = _randn((2, 3, E), g, device, torch.float32)
+    action = _randn((2, 3, A), g, device, torch.float32)
+    nz = _randn((2, 3, S), g, device, torch.float32)
+    seen = []
+    handle = model.register_forward_hook(lambda mod, args, out: seen.append(len(args)))
+    post, prior, kl = impl(model, embed, action, None, None, nz, prior_noise=nz, return_kl=True)
+    handle.remove()
+    want = impl(model.observe, embed, action, noise=nz, prior_noise=nz, return_kl=True)
+    assert seen == [5]
+    for got, ref in zip((*post, *prior, kl), (*want[0], *want[1], want[2])):
+        assert torch.equal(got, ref)
+    model.zero_grad(set_to_none=True)
+    def loss(fn):  # reaches every parameter (DDP gives a parameter no gradient reached zeros, not None)
+        post, prior = fn(embed, action, noise=nz, prior_noise=nz)
+        return post.stoch.sum() + (prior.std * prior.mean).sum()
+
+    impl(loss, model.observe).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        impl(loss, ddp).backward()
+    finally:
+        dist.destroy_process_group()
+    assert set(grads) == {k for k, _ in model.named_parameters()}
+    for k, ref in grads.items():
+        assert torch.equal(dict(model.named_parameters())[k].grad, ref), k
