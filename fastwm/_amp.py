@@ -11,6 +11,9 @@ matrix-product ops, once for the whole layer:
 - The layer's own body then runs with autocast off, on both backends: the reference path's softplus, LayerNorm or
   exp, which autocast would promote to float32 one by one, stay in the computing dtype, as in the kernels.
 - Parameters in another dtype (a model already moved to bfloat16, or float64) keep it, autocast or not.
+- The custom ops' backward runs with autocast off too (as ``torch.amp.custom_bwd`` arranges), so a ``backward()``
+  called inside the region gives the same gradients as one called after it.
+- A user callable run from inside a layer (a policy, a reward) runs in the caller's autocast region again.
 
 A model's own time loops (``observe``, ``imagine``, ``rollout``) cast the weights once per call; a Python loop of
 ``img_step`` / ``obs_step`` pays the casts (one small copy per weight) on every call.
@@ -19,11 +22,14 @@ A model's own time loops (``observe``, ``imagine``, ``rollout``) cast the weight
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["autocast_again", "autocast_dtype", "autocast_on", "cast", "cast_args", "no_autocast", "outer_dtype"]
+__all__ = ["autocast_again", "autocast_dtype", "autocast_on", "cast", "cast_args", "no_autocast", "outer_dtype",
+           "without_autocast"]
 
 _LOWER = (torch.float16, torch.bfloat16)
 
@@ -72,9 +78,27 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def autocast_again(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast_again(device: torch.device, dtype: torch.dtype | None, *,
+                   cache: bool | None = None) -> contextlib.AbstractContextManager:
     """Autocast back on for a user callable run from inside a layer's body (a policy, a reward): ``dtype`` is
-    :func:`outer_dtype` taken before the body turned it off (None: it was off, and stays so)."""
+    :func:`outer_dtype` taken before the body turned it off (None: it was off, and stays so). ``cache``: autocast's
+    weight-cast cache (the caller's setting when None; a CUDA graph must not read casts cached outside it)."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+def without_autocast(backward: Callable) -> Callable:
+    """A custom op's backward ``(ctx, *grads)`` run with autocast off for its gradients' device types: a
+    ``backward()`` called inside an autocast region would otherwise run the backward's float32 products (the weight
+    gradients) in the autocast dtype."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with contextlib.ExitStack() as stack:
+            for kind in {g.device.type for g in grads if isinstance(g, Tensor)}:
+                if torch.is_autocast_enabled(kind):
+                    stack.enter_context(torch.autocast(kind, enabled=False))
+            return backward(ctx, *grads)
+
+    return run

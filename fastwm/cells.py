@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from . import reference
@@ -20,6 +21,12 @@ from ._backend import use_triton
 from ._validation import check_float, check_like, check_tensor, check_values
 
 __all__ = ["gru_cell", "layernorm_gru_cell"]
+
+
+def _autocast(x: object) -> bool:
+    """Whether the cell's arguments are cast for autocast: an autocast region for x's device type, and an x autocast
+    would cast (a float64 x is left alone, and the dtype checks then name what was passed)."""
+    return isinstance(x, Tensor) and x.dtype != torch.float64 and autocast_on(x.device)
 
 
 def _check_xh(x: object, h: object) -> tuple[Tensor, Tensor, bool]:
@@ -57,7 +64,7 @@ def gru_cell(
     Returns:
         h' [B, D] in x's dtype. Differentiable with respect to every tensor argument.
     """
-    if isinstance(x, Tensor) and autocast_on(x.device):
+    if _autocast(x):
         with no_autocast(x.device):
             return gru_cell(*cast_args(x.device, x, h, weight_ih, weight_hh, bias_ih, bias_hh))
     x, h, unbatched = _check_xh(x, h)
@@ -103,7 +110,7 @@ def layernorm_gru_cell(
         eps: the LayerNorm eps (1e-3 in dreamerv3-torch).
         update_bias: added to the update gate before its sigmoid (-1 in Dreamer).
     """
-    if isinstance(x, Tensor) and autocast_on(x.device):
+    if _autocast(x):
         with no_autocast(x.device):
             x, h, weight, norm_weight, norm_bias = cast_args(x.device, x, h, weight, norm_weight, norm_bias)
             return layernorm_gru_cell(x, h, weight, norm_weight, norm_bias, eps=eps, update_bias=update_bias)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+from ._amp import autocast_on
 from ._validation import check_tensor, check_values
 from .gaussian import gaussian_kl
 from .kl import KL_MODES, KL_PRESETS, _check_scalar, kl_loss
@@ -327,6 +328,12 @@ class SequenceELBO(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _autocast_mix(x: Tensor, other: Tensor) -> bool:
+    """float32 / float16 / bfloat16 mixed inside an autocast region for x's device type (computed in float32)."""
+    mixable = (torch.float32, torch.float16, torch.bfloat16)
+    return x.dtype in mixable and other.dtype in mixable and autocast_on(x.device)
+
+
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor = 1.0, *, event_dims: int = 1) -> Tensor:
     """log N(x; mean, std^2), summed over the last ``event_dims`` dims: the log-likelihood of a Gaussian decoder.
 
@@ -340,7 +347,8 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor = 1.0, *, eve
 
     Args:
         x: [..., *event] the observation.
-        mean: the decoder's mean, the shape, dtype and device of ``x``.
+        mean: the decoder's mean, the shape, dtype and device of ``x`` (inside an autocast region, float32 and the
+            half dtypes mix: a decoder under autocast returns its mean in half precision).
         std: a positive float (1.0: the unit-variance decoder of PlaNet and Dreamer) or a tensor of stds
             broadcastable to ``x``'s shape, same dtype and device.
         event_dims: how many trailing dims form one observation (1 for vectors, 3 for [C, H, W] images, 0 for none).
@@ -353,7 +361,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor = 1.0, *, eve
     check_tensor("mean", mean, min_dim=0)
     if tuple(mean.shape) != tuple(x.shape):
         raise ValueError(f"mean must have the shape of x {list(x.shape)}, got {list(mean.shape)}")
-    if mean.dtype != x.dtype:
+    if mean.dtype != x.dtype and not _autocast_mix(x, mean):
         raise TypeError(f"mean must have the dtype of x ({x.dtype}), got {mean.dtype}")
     if mean.device != x.device:
         raise ValueError(f"mean must be on the device of x ({x.device}), got {mean.device}")
@@ -362,7 +370,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor = 1.0, *, eve
     diff = _acc(x) - _acc(mean)
     if isinstance(std, Tensor):
         check_tensor("std", std, min_dim=0)
-        if std.dtype != x.dtype:
+        if std.dtype != x.dtype and not _autocast_mix(x, std):
             raise TypeError(f"std must have the dtype of x ({x.dtype}), got {std.dtype}")
         if std.device != x.device:
             raise ValueError(f"std must be on the device of x ({x.device}), got {std.device}")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._amp import without_autocast
 from ._backend import use_triton
 from ._validation import check_float, check_generator, check_like, check_tensor, check_values
 
@@ -86,7 +87,7 @@ def _std_backward(ctx, grad):
     return _std_from_raw_backward_op(grad, raw, ctx.min_std, ctx.std_mode), None, None
 
 
-_std_from_raw_op.register_autograd(_std_backward, setup_context=_std_setup_context)
+_std_from_raw_op.register_autograd(without_autocast(_std_backward), setup_context=_std_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def _fused_backward(ctx, g_z, g_kl, g_qm, g_qs, g_pm, g_ps):
     )
 
 
-_gaussian_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+_gaussian_fused_op.register_autograd(without_autocast(_fused_backward), setup_context=_fused_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._amp import without_autocast
 from .step_ops import (
     _ACT_IDS,
     _CELL_IDS,
@@ -190,7 +191,7 @@ def _backward(ctx, *grads):
             None, None, None, None, None, None, None)
 
 
-_observe_op.register_autograd(_backward, setup_context=_setup_context)
+_observe_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
 
 
 def saved_bytes(rssm, *, recompute: bool = False) -> int:

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from ._amp import autocast_again, no_autocast, outer_dtype
 from ._backend import get_backend, use_triton
 from ._validation import check_float, check_positive_int, check_values
-from .rollout import cast_mlp, imagine_fused, pack_mlp
+from .reference import StepWeights
+from .rollout import PackedMLP, cast_mlp, imagine_fused, pack_mlp
 from .rssm import RSSM, State
 
 __all__ = ["CEMPlanner", "MPPIPlanner"]
@@ -46,6 +47,14 @@ class _Captured(NamedTuple):
     mean: Tensor
     out: Tensor
     bounds: tuple[Tensor, ...]
+
+
+class _Decision(NamedTuple):
+    """What the iterations of one decision share (:meth:`_Planner._decision`)."""
+
+    w: StepWeights
+    packed: PackedMLP | None
+    outer: torch.dtype | None
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -113,7 +122,6 @@ class _Planner(nn.Module):
         # would be a blocking host-to-device copy every iteration
         self._consts: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._graphs: dict[tuple, _Captured] = {}
-        self._outer: torch.dtype | None = None  # the caller's autocast dtype while a plan runs (its body runs without)
 
     def reset(self) -> None:
         """Forget the previous plan (start of an episode). Captured CUDA graphs are kept (see :meth:`clear_graphs`)."""
@@ -147,34 +155,42 @@ class _Planner(nn.Module):
             mean[:, :-1] = self._plan[:, 1:]
         return mean
 
-    def _returns(self, stoch: Tensor, deter: Tensor, actions: Tensor, w: tuple | None = None) -> Tensor:
+    def _decision(self, stoch: Tensor, outer: torch.dtype | None) -> _Decision:
+        """What every iteration of a decision reads, made once: the model's weights in the belief's dtype, the reward
+        in the kernel's form when it is a plain MLP (its weights cast as autocast would), the caller's autocast."""
+        rssm = self.rssm
+        packed = None
+        if use_triton(stoch):
+            packed = cast_mlp(pack_mlp(self.reward, rssm.feature_dim, 1), outer)
+            if packed is not None and packed.layers[0][0].dtype != stoch.dtype:
+                packed = None  # the reward then runs on the imagined features, as it is
+        return _Decision(rssm.weights(stoch.dtype), packed, outer)
+
+    def _returns(self, stoch: Tensor, deter: Tensor, actions: Tensor, dec: _Decision | None = None) -> Tensor:
         """Sum over the horizon of the predicted rewards: beliefs stoch [B, S] and deter [B, D], actions
-        [B, N, H, A] -> [B, N]. ``w``: the model's weights in the belief's dtype (cast here when None)."""
+        [B, N, H, A] (imagined in the belief's dtype) -> [B, N]. ``dec``: :meth:`_decision` (made here when None)."""
         b, n, h, a = actions.shape
         rssm = self.rssm
-        device = stoch.device
+        dec = dec if dec is not None else self._decision(stoch, None)
         stoch = stoch.repeat_interleave(n, dim=0)
         deter = deter.repeat_interleave(n, dim=0)
-        flat = actions.reshape(b * n, h, a)
+        flat = actions.reshape(b * n, h, a).to(stoch.dtype)
         # stochastic=False: every candidate is imagined along the prior's mean (zero noise).
         noise = None if self.stochastic else stoch.new_zeros(b * n, h, rssm.stoch)
         gen = self.generator if self.stochastic else None
         if use_triton(stoch):
-            w = w or rssm.weights(stoch.dtype)
-            # under autocast a plain MLP reward runs in its dtype, as autocast would run its Linear layers
-            packed = cast_mlp(pack_mlp(self.reward, rssm.feature_dim, 1), self._outer and stoch.dtype)
-            if packed is not None and packed.layers[0][0].dtype == stoch.dtype:
-                out = imagine_fused(rssm.config, w, stoch, deter, h, actions=flat, reward=packed,
+            if dec.packed is not None:
+                out = imagine_fused(rssm.config, dec.w, stoch, deter, h, actions=flat, reward=dec.packed,
                                     reward_sum=True, write_state=False, noise=noise, generator=gen)
                 return out.ret.reshape(b, n)
-            out = imagine_fused(rssm.config, w, stoch, deter, h, actions=flat, write_state=False,
+            out = imagine_fused(rssm.config, dec.w, stoch, deter, h, actions=flat, write_state=False,
                                 write_feat=True, noise=noise, generator=gen)
             feats = out.features
         else:
-            with autocast_again(device, self._outer):  # imagine takes the autocast dtype's belief only under it
-                dream = rssm.imagine(flat, State(deter, stoch, stoch, stoch), noise, generator=gen)
-            feats = rssm.features(dream)
-        with autocast_again(device, self._outer):
+            feats = rssm.features(rssm._imagine(State(deter, stoch, stoch, stoch), flat, noise, gen, dec.w))
+        # a user callable: in the caller's autocast region, without autocast's cache (a CUDA graph of the decision
+        # must cast the weights itself, not read casts cached outside it)
+        with autocast_again(stoch.device, dec.outer, cache=False):
             r = self.reward(feats)
         if not isinstance(r, Tensor):
             raise TypeError(f"reward must return a torch.Tensor of rewards, got {type(r).__name__}")
@@ -204,30 +220,34 @@ class _Planner(nn.Module):
 
     @torch.no_grad()
     def plan(self, state: State) -> Tensor:
-        """The refined plan [B, H, A] for a State of B beliefs (fields [B, ...])."""
+        """The refined plan [B, H, A] for a State of B beliefs (fields [B, ...]), in float32 (float64 for float64
+        beliefs): a half-precision plan would round the bounds outward, and the environment wants float32."""
         state = self._check_state(state)
         check_values({"state.stoch": state.stoch, "state.deter": state.deter})
         b = state.stoch.shape[0]
         device = state.stoch.device
-        # Under autocast the plan is made in its dtype with autocast off (the refit's reductions would otherwise
-        # leave it piecewise in float32); the reward, a user callable, runs in the caller's autocast region.
-        self._outer = outer_dtype(device)
+        # The plan (sampling, clipping, refit) in float32 at least; the candidates are imagined in the belief's
+        # dtype. Under autocast all of it runs with autocast off (the refit's reductions would otherwise be
+        # promoted op by op); the reward, a user callable, runs in the caller's autocast region.
+        outer = outer_dtype(device)
         with no_autocast(device):
-            mean = self._initial_mean(b, state.stoch)
+            mean = self._initial_mean(b, state.stoch.new_empty(0, dtype=torch.promote_types(state.stoch.dtype,
+                                                                                             torch.float32)))
             if self.cuda_graph and state.stoch.is_cuda and b > 0:
-                mean = self._replay(state.stoch, state.deter, mean)
+                mean = self._replay(state.stoch, state.deter, mean, outer)
             else:
-                mean = self._iterate(state.stoch, state.deter, mean)
+                mean = self._iterate(state.stoch, state.deter, mean, outer)
         self._plan = mean
         return mean
 
-    def _iterate(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> Tensor:
-        """The planner's iterations from the initial plan ``mean`` [B, H, A]: the refined plan."""
+    def _iterate(self, stoch: Tensor, deter: Tensor, mean: Tensor, outer: torch.dtype | None = None) -> Tensor:
+        """The planner's iterations from the initial plan ``mean`` [B, H, A]: the refined plan. ``outer``: the
+        caller's autocast dtype (None: none)."""
         std = self._bounds(mean)[2].expand_as(mean).clone()
-        w = self.rssm.weights(stoch.dtype)  # cast once per decision under autocast (else the parameters)
+        dec = self._decision(stoch, outer)
         for _ in range(self.iterations):
             actions = self._sample(mean, std)
-            returns = self._returns(stoch, deter, actions, w)
+            returns = self._returns(stoch, deter, actions, dec)
             check_values({"the predicted returns (the reward summed over the horizon)": returns})
             mean, std = self._refit(actions, returns)
             std = std.clamp_min(self.min_std)
@@ -235,7 +255,7 @@ class _Planner(nn.Module):
 
     # CUDA graphs ------------------------------------------------------------------------------------------------------
 
-    def _graph_key(self, stoch: Tensor) -> tuple:
+    def _graph_key(self, stoch: Tensor, outer: torch.dtype | None) -> tuple:
         """What a captured decision depends on besides the values it reads: the belief count, dtype and device, the
         caller's autocast dtype, the backend and matmul precision, the planner's settings, generator and reward, the
         bounds, and the storage of every weight and buffer of the model and the reward (a moved or re-created one
@@ -245,12 +265,12 @@ class _Planner(nn.Module):
             tensors += [*self.reward.parameters(), *self.reward.buffers()]
         settings = (self.horizon, self.samples, self.iterations, self.min_std, self.stochastic,
                     getattr(self, "top_k", None), getattr(self, "temperature", None))
-        return (stoch.shape[0], stoch.dtype, stoch.device, self._outer, get_backend(),
+        return (stoch.shape[0], stoch.dtype, stoch.device, outer, get_backend(),
                 torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, settings,
                 id(self.generator), id(self.reward), self._bounds_key(),
                 tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors))
 
-    def _replay(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> Tensor:
+    def _replay(self, stoch: Tensor, deter: Tensor, mean: Tensor, outer: torch.dtype | None) -> Tensor:
         gen = self.generator
         if gen is not None and not _same_device(torch.device(gen.device), stoch.device):
             raise ValueError("cuda_graph=True draws the candidates on the GPU inside the graph: generator must be a "
@@ -258,18 +278,18 @@ class _Planner(nn.Module):
                              f"{gen.device}")
         with torch.cuda.device(stoch.device):  # the capture and the replay run on the belief's device
             if torch.cuda.is_current_stream_capturing():  # the caller captures the whole decision itself
-                return self._iterate(stoch, deter, mean)
-            key = self._graph_key(stoch)
+                return self._iterate(stoch, deter, mean, outer)
+            key = self._graph_key(stoch, outer)
             entry = self._graphs.get(key)
             if entry is None:
-                entry = self._graphs[key] = self._capture(stoch, deter, mean)
+                entry = self._graphs[key] = self._capture(stoch, deter, mean, outer)
             entry.stoch.copy_(stoch)
             entry.deter.copy_(deter)
             entry.mean.copy_(mean)
             entry.graph.replay()
             return entry.out.clone()
 
-    def _capture(self, stoch: Tensor, deter: Tensor, mean: Tensor) -> _Captured:
+    def _capture(self, stoch: Tensor, deter: Tensor, mean: Tensor, outer: torch.dtype | None) -> _Captured:
         """Capture :meth:`_iterate` on static copies of its inputs: warm-up calls on a side stream first (kernel
         compilation and lazy initialisation happen outside the capture), then the capture, with the planner's own
         generator registered so that every replay draws fresh candidates from it."""
@@ -279,7 +299,7 @@ class _Planner(nn.Module):
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(_GRAPH_WARMUP):
-                self._iterate(*static)
+                self._iterate(*static, outer)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
@@ -290,7 +310,7 @@ class _Planner(nn.Module):
             graph.register_generator_state(self.generator)
         try:
             with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
-                out = self._iterate(*static)
+                out = self._iterate(*static, outer)
         except RuntimeError as exc:
             raise RuntimeError("cuda_graph=True: capturing the planner's decision in a CUDA graph failed. The reward "
                                "must run without host syncs (no .item(), .cpu(), .tolist() or Python branches on "

@@ -91,11 +91,13 @@ def pack_mlp(module: object, in_features: int, out_features: int) -> PackedMLP |
 
 
 def cast_mlp(packed: PackedMLP | None, dtype: torch.dtype | None) -> PackedMLP | None:
-    """``packed`` with its weights in ``dtype`` (as autocast would run its Linear layers); as it is when either is
-    None."""
+    """``packed`` as autocast to ``dtype`` would run its Linear layers: float32, float16 and bfloat16 weights cast to
+    it, float64 ones left as they are; ``packed`` itself when either is None."""
     if packed is None or dtype is None:
         return packed
-    return PackedMLP([(w.to(dtype), b.to(dtype)) for w, b in packed.layers], packed.act, packed.out_act)
+    eligible = (torch.float32, torch.float16, torch.bfloat16)
+    return PackedMLP([(w.to(dtype), b.to(dtype)) if w.dtype in eligible else (w, b) for w, b in packed.layers],
+                     packed.act, packed.out_act)
 
 
 class RolloutOutput(NamedTuple):

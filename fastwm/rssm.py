@@ -313,7 +313,8 @@ class RSSM(nn.Module):
                   generator: torch.Generator | None, w: reference.StepWeights | None = None) -> State:
         # img_step on inputs already checked (the time loops check a whole sequence once, not every step); ``w`` the
         # weights in the computing dtype (the parameters when None)
-        deter, z, mean, std = prior_step(self.config, w or self.weights(), state.stoch, action, state.deter, noise,
+        w = w if w is not None else self.weights(state.stoch.dtype)
+        deter, z, mean, std = prior_step(self.config, w, state.stoch, action, state.deter, noise,
                                          generator=generator, validate=False)
         return State(deter, z, mean, std)
 
@@ -343,7 +344,8 @@ class RSSM(nn.Module):
                   prior_noise: Tensor | None, generator: torch.Generator | None,
                   w: reference.StepWeights | None = None) -> tuple[State, State, Tensor]:
         # obs_step on inputs already checked, with the KL (``w``: as in _img_step)
-        deter, qz, qm, qs, pz, pm, ps, kl = posterior_step(self.config, w or self.weights(), state.stoch, action,
+        w = w if w is not None else self.weights(state.stoch.dtype)
+        deter, qz, qm, qs, pz, pm, ps, kl = posterior_step(self.config, w, state.stoch, action,
                                                            state.deter, embed, noise, prior_noise,
                                                            generator=generator, validate=False)
         return State(deter, qz, qm, qs), State(deter, pz, pm, ps), kl
@@ -416,7 +418,7 @@ class RSSM(nn.Module):
                        w: reference.StepWeights | None = None) -> tuple[State, State, Tensor]:
         """observe as a Python loop of :meth:`obs_step` over T (inputs already checked): the reference backend's
         path, and on the Triton backend the per-step fused kernels (the benchmarks' "fused-steps" baseline)."""
-        w = w or self.weights()
+        w = w if w is not None else self.weights(state.stoch.dtype)
         posts, priors, kls = [], [], []
         for t in range(embed.shape[1]):
             a = action[:, t]
@@ -456,17 +458,22 @@ class RSSM(nn.Module):
         self._check_values({"actions": actions, "state.stoch": state.stoch, "state.deter": state.deter,
                             "noise": noise})
         with no_autocast(actions.device):
-            w = self.weights(amp)
-            if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
-                # No gradient needed: the whole horizon in one kernel launch.
-                out = imagine_fused(self.config, w, state.stoch, state.deter, h_len, actions=actions, noise=noise,
-                                    generator=generator)
-                return State(out.deter, out.stoch, out.mean, out.std)
-            states = []
-            for t in range(h_len):
-                state = self._img_step(state, actions[:, t], None if noise is None else noise[:, t], generator, w)
-                states.append(state)
-            return stack_states(states, like=state)
+            return self._imagine(state, actions, noise, generator, self.weights(amp))
+
+    def _imagine(self, state: State, actions: Tensor, noise: Tensor | None, generator: torch.Generator | None,
+                 w: reference.StepWeights) -> State:
+        # imagine on checked inputs, with the weights in the computing dtype (the planners call it once per
+        # decision's weights)
+        if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, actions, module=self):
+            # No gradient needed: the whole horizon in one kernel launch.
+            out = imagine_fused(self.config, w, state.stoch, state.deter, actions.shape[1], actions=actions,
+                                noise=noise, generator=generator)
+            return State(out.deter, out.stoch, out.mean, out.std)
+        states = []
+        for t in range(actions.shape[1]):
+            state = self._img_step(state, actions[:, t], None if noise is None else noise[:, t], generator, w)
+            states.append(state)
+        return stack_states(states, like=state)
 
     def rollout(self, policy: Callable[[Tensor], Tensor], state: State, horizon: int, *,
                 generator: torch.Generator | None = None) -> tuple[State, Tensor]:
@@ -492,7 +499,7 @@ class RSSM(nn.Module):
             w = self.weights(amp)
             if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, module=self) and not (
                     isinstance(policy, nn.Module) and needs_grad(module=policy)):
-                packed = cast_mlp(pack_mlp(policy, self.feature_dim, self.action_dim), amp)
+                packed = cast_mlp(pack_mlp(policy, self.feature_dim, self.action_dim), outer)
                 if packed is not None and packed.layers[0][0].dtype == state.stoch.dtype:
                     # A plain MLP policy and no gradient needed: the closed loop runs inside one kernel launch.
                     out = imagine_fused(self.config, w, state.stoch, state.deter, horizon, policy=packed,

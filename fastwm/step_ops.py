@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._amp import without_autocast
 from .gaussian import _STD_MODE_IDS
 
 __all__ = ["fused_prior_step", "fused_posterior_step", "fused_gru_cell", "fused_layernorm_gru_cell"]
@@ -238,7 +239,7 @@ def _step_backward(ctx, *grads):
     )
 
 
-_step_op.register_autograd(_step_backward, setup_context=_step_setup_context)
+_step_op.register_autograd(without_autocast(_step_backward), setup_context=_step_setup_context)
 
 
 def _seed(noise_given: bool, prior_noise_given: bool, generator, like: Tensor) -> Tensor | None:
@@ -321,7 +322,7 @@ def _gru_backward(ctx, g, _g_save):
             _sum_rows(dgi, wdt) if ctx.has_bias[0] else None, _sum_rows(dgh, wdt) if ctx.has_bias[1] else None)
 
 
-_gru_op.register_autograd(_gru_backward, setup_context=_gru_setup_context)
+_gru_op.register_autograd(without_autocast(_gru_backward), setup_context=_gru_setup_context)
 
 
 @torch.library.custom_op("fastwm::layernorm_gru_cell", mutates_args=())
@@ -370,7 +371,7 @@ def _lngru_backward(ctx, g, _g_xhat, _g_rstd):
             _sum_rows(dpv, wdt), None, None)
 
 
-_lngru_op.register_autograd(_lngru_backward, setup_context=_lngru_setup_context)
+_lngru_op.register_autograd(without_autocast(_lngru_backward), setup_context=_lngru_setup_context)
 
 
 def fused_gru_cell(x, h, w_ih, w_hh, b_ih, b_hh) -> Tensor:

@@ -67,13 +67,47 @@ def _assert_equal(got: Tensor, want: Tensor, name: str) -> None:
     assert torch.equal(got, want), f"{name}: differs from the cast model's (max {(got.double() - want.double()).abs().max():.3e})"
 
 
-def _assert_grads(got: Tensor | None, want: Tensor | None, dtype: torch.dtype, name: str) -> None:
-    """The gradient of a float32 leaf under autocast against the cast copy's (summed in the half dtype either way;
-    the order of the sum may differ between a leaf and a cast, hence a tolerance of the half dtype)."""
+def _assert_grads(got: Tensor | None, want: Tensor | None, name: str, calls: int = 1) -> None:
+    """The gradient of a float32 leaf under autocast: the cast copy's own gradient, cast up (the same kernels on the
+    same values, summed in the same order). With ``calls`` > 1 layer calls in the graph, each cast the weights
+    afresh, and their gradients meet in float32 at the leaf where the copy sums them in its half dtype: equal to a
+    rounding of that dtype."""
     assert got is not None and want is not None, f"{name}: no gradient"
     assert got.dtype == torch.float32, f"{name}: gradient dtype {got.dtype}, not the float32 leaf's"
-    scale = max(1.0, want.abs().max().item())
-    torch.testing.assert_close(got, want.float(), rtol=0, atol=RTOL[dtype] * scale, msg=lambda m: f"{name}: {m}")
+    if calls == 1:
+        assert torch.equal(got, want.float()), (f"{name}: differs from the cast model's gradient (max "
+                                                f"{(got - want.float()).abs().max():.3e})")
+    else:
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want.float(), rtol=0, atol=RTOL[want.dtype] * scale,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture
+def autocast_off_inside(monkeypatch) -> list[str]:
+    """Spies on the reference path's step functions and the planners' refit: each records a failure when it runs
+    with autocast on (on the CPU autocast lists none of softplus, layer_norm, exp or topk, so the values alone
+    cannot tell)."""
+    from fastwm import planning, reference
+
+    failures: list[str] = []
+
+    def spy(owner, name):
+        real = getattr(owner, name)
+
+        def run(*args, **kwargs):
+            if torch.is_autocast_enabled("cpu") or (torch.cuda.is_available() and torch.is_autocast_enabled("cuda")):
+                failures.append(name)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, run)
+
+    spy(reference, "rssm_prior_step")
+    spy(reference, "rssm_posterior_step")
+    spy(planning.CEMPlanner, "_refit")
+    spy(planning.MPPIPlanner, "_refit")
+    spy(planning._Planner, "_sample")
+    return failures
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -81,8 +115,9 @@ def _assert_grads(got: Tensor | None, want: Tensor | None, dtype: torch.dtype, n
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-after", "backward-inside"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_observe_under_autocast_is_the_cast_model(cell, case, device):
+def test_observe_under_autocast_is_the_cast_model(cell, backward_inside, case, device, autocast_off_inside):
     backend, dtype = case
     m = _model(cell, device)
     mh = _half(m, dtype)
@@ -99,7 +134,10 @@ def test_observe_under_autocast_is_the_cast_model(cell, case, device):
         with torch.autocast(device.type, dtype=dtype):
             post, prior, kl = m.observe(embed, action, first, init, noise, prior_noise=prior_noise, return_kl=True)
             loss = (post.stoch.float() * up).sum() + kl.sum() + prior.std.float().sum()
-        loss.backward()
+            if backward_inside:  # the custom ops' backward must turn autocast off itself
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
         embed_h = embed.detach().to(dtype).requires_grad_()
         init_h = State(*(t.detach().to(dtype) for t in init))
         init_h = State(init_h.deter.requires_grad_(), init_h.stoch.requires_grad_(), init_h.mean, init_h.std)
@@ -113,11 +151,11 @@ def test_observe_under_autocast_is_the_cast_model(cell, case, device):
     _assert_equal(kl, kl_h, "kl")
     assert kl.dtype == torch.float32
     for (name, p), ph in zip(m.named_parameters(), mh.parameters()):
-        _assert_grads(p.grad, ph.grad, dtype, name)
-    _assert_grads(embed.grad, embed_h.grad, dtype, "embed")
+        _assert_grads(p.grad, ph.grad, name)
+    _assert_grads(embed.grad, embed_h.grad, "embed")
     if cell != "none":
-        _assert_grads(init.deter.grad, init_h.deter.grad, dtype, "state.deter")
-    _assert_grads(init.stoch.grad, init_h.stoch.grad, dtype, "state.stoch")
+        _assert_grads(init.deter.grad, init_h.deter.grad, "state.deter")
+    _assert_grads(init.stoch.grad, init_h.stoch.grad, "state.stoch")
     if backend == "triton":
         # the kernels in the half dtype against the float64 reference of the cast model, within flash-attn's bound
         # around the reference backend in the same dtype
@@ -131,10 +169,11 @@ def test_observe_under_autocast_is_the_cast_model(cell, case, device):
         for field, got, want, e in zip(State._fields, post, ref, eager):
             assert_close(got, want, dtype, f"post.{field}", eager=e)
         assert_close(kl, ref_kl, dtype, "kl", eager=eager_kl)
+    assert not autocast_off_inside, f"ran with autocast on: {autocast_off_inside}"
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_steps_under_autocast_are_the_cast_model(cell, case, device):
+def test_steps_under_autocast_are_the_cast_model(cell, case, device, autocast_off_inside):
     backend, dtype = case
     m = _model(cell, device, seed=1)
     mh = _half(m, dtype)
@@ -146,15 +185,18 @@ def test_steps_under_autocast_are_the_cast_model(cell, case, device):
         with torch.autocast(device.type, dtype=dtype):
             prior = m.img_step(state, action, noise)
             post2, prior2, kl = m.obs_step(prior, action, embed, noise, prior_noise=noise, return_kl=True)
+            post3, prior3 = m.obs_step(post2, action, embed, generator=_gen(device))  # noise drawn
         state_h = State(*(t.to(dtype) for t in state))
         prior_h = mh.img_step(state_h, action.to(dtype), noise.to(dtype))
         post2_h, prior2_h, kl_h = mh.obs_step(prior_h, action.to(dtype), embed.to(dtype), noise.to(dtype),
                                               prior_noise=noise.to(dtype), return_kl=True)
-    for name, got, want in zip(("img_step", "obs_step post", "obs_step prior"), (prior, post2, prior2),
-                               (prior_h, post2_h, prior2_h)):
+        post3_h, prior3_h = mh.obs_step(post2_h, action.to(dtype), embed.to(dtype), generator=_gen(device))
+    for name, got, want in zip(("img_step", "obs_step post", "obs_step prior", "drawn post", "drawn prior"),
+                               (prior, post2, prior2, post3, prior3), (prior_h, post2_h, prior2_h, post3_h, prior3_h)):
         for field, g, w in zip(State._fields, got, want):
             _assert_equal(g, w, f"{name}.{field}")
     _assert_equal(kl, kl_h, "obs_step kl")
+    assert not autocast_off_inside, f"ran with autocast on: {autocast_off_inside}"
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["one-launch", "differentiable"])
@@ -174,10 +216,12 @@ def test_imagine_under_autocast_is_the_cast_model(cell, grad, case, device):
     assert dream.stoch.requires_grad == grad
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("policy_kind", ["mlp", "callable"])
-def test_rollout_under_autocast_is_the_cast_model(policy_kind, case, device):
+def test_rollout_under_autocast_is_the_cast_model(policy_kind, grad, case, device):
     """A plain MLP policy runs in the kernel (weights cast to the autocast dtype) without a gradient; any other
-    callable runs in the caller's autocast region (its Linear layers in the autocast dtype)."""
+    callable, or any policy when a gradient is needed, runs in the caller's autocast region (its Linear layers in
+    the autocast dtype)."""
     backend, dtype = case
     m = _model("gru", device, seed=3)
     mh = _half(m, dtype)
@@ -189,7 +233,7 @@ def test_rollout_under_autocast_is_the_cast_model(policy_kind, case, device):
         return net if policy_kind == "mlp" else (lambda f: net(f))
 
     start = State(*(_randn(B, w, device=device, seed=20 + i) for i, w in enumerate((m.deter, S, S, S))))
-    with fastwm.backend(backend), torch.no_grad():
+    with fastwm.backend(backend), torch.set_grad_enabled(grad):
         with torch.autocast(device.type, dtype=dtype):
             states, acts = m.rollout(wrap(mlp), start, 3, generator=_gen(device))
         states_h, acts_h = mh.rollout(wrap(mlp_h), State(*(t.to(dtype) for t in start)), 3,
@@ -197,6 +241,15 @@ def test_rollout_under_autocast_is_the_cast_model(policy_kind, case, device):
     _assert_equal(acts, acts_h, "actions")
     for field, g, w in zip(State._fields, states, states_h):
         _assert_equal(g, w, f"rollout.{field}")
+    if grad:  # the actor's loss through the dynamics reaches both models' float32 leaves
+        (states.stoch.float().sum() + acts.float().square().sum()).backward()
+        (states_h.stoch.float().sum() + acts_h.float().square().sum()).backward()
+        for (name, p), ph in zip([*m.named_parameters(), *mlp.named_parameters()],
+                                 [*mh.parameters(), *mlp_h.parameters()]):
+            if name.startswith("post"):  # the posterior head takes no part in imagination
+                assert p.grad is None and ph.grad is None, name
+            else:
+                _assert_grads(p.grad, ph.grad, name)
 
 
 def test_latent_overshooting_under_autocast_is_the_cast_model(case, device):
@@ -216,7 +269,7 @@ def test_latent_overshooting_under_autocast_is_the_cast_model(case, device):
         loss_h.backward()
     _assert_equal(loss, loss_h, "latent overshooting KL")
     for (name, p), ph in zip(m.named_parameters(), mh.parameters()):
-        _assert_grads(p.grad, ph.grad, dtype, name)
+        _assert_grads(p.grad, ph.grad, name, calls=2)  # observe and the overshooting imagination
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,7 +279,10 @@ def test_latent_overshooting_under_autocast_is_the_cast_model(case, device):
 
 @pytest.mark.parametrize("reward_kind", ["mlp", "callable"])
 @pytest.mark.parametrize("planner", ["cem", "mppi"])
-def test_planners_under_autocast_are_the_cast_model(planner, reward_kind, case, device):
+def test_planners_under_autocast_are_the_cast_model(planner, reward_kind, case, device, autocast_off_inside):
+    """Beliefs in the autocast dtype (from observe) or in float32 are planned for as the cast model plans; the plan
+    stays float32 and inside the bounds (0.3 is not a bfloat16 number: a half-precision clip would round it
+    outward); a warm start carries over between calls with and without autocast."""
     backend, dtype = case
     m = _model("gru", device, seed=6)
     mh = _half(m, dtype)
@@ -236,7 +292,7 @@ def test_planners_under_autocast_are_the_cast_model(planner, reward_kind, case, 
 
     def make(model, net):
         r = net if reward_kind == "mlp" else (lambda f: net(f))
-        kw = dict(horizon=3, iterations=2, generator=_gen(device, 11))
+        kw = dict(horizon=3, iterations=2, generator=_gen(device, 11), action_low=-0.3, action_high=0.3)
         if planner == "cem":
             return fastwm.CEMPlanner(model, r, candidates=24, top_k=5, **kw)
         return fastwm.MPPIPlanner(model, r, samples=24, **kw)
@@ -247,9 +303,63 @@ def test_planners_under_autocast_are_the_cast_model(planner, reward_kind, case, 
         with torch.autocast(device.type, dtype=dtype):
             post, _ = m.observe(embed, action, generator=_gen(device))  # beliefs in the autocast dtype
             belief = State(*(f[:, -1] for f in post))
-            got = make(m, reward)(belief)
-        want = make(mh, reward_h)(belief)
+            belief32 = State(*(f.float() for f in belief))
+            p, p32 = make(m, reward), make(m, reward)
+            got, got32 = p(belief), p32(belief32)
+        p_h = make(mh, reward_h)
+        want = p_h(belief)
+        # warm start: the next call starts from the plan shifted by a step, made under autocast or not
+        with torch.autocast(device.type, dtype=dtype):
+            again = p(belief)
+        again_h = p_h(belief)
+    assert not autocast_off_inside, f"ran with autocast on: {autocast_off_inside}"
     _assert_equal(got, want, f"{planner} actions")
+    _assert_equal(got32, want, f"{planner} actions from a float32 belief")
+    _assert_equal(again, again_h, f"{planner} warm-started actions")
+    assert got.dtype == torch.float32
+    assert got.abs().max() <= 0.3 and p._plan.abs().max() <= 0.3, "the plan left the bounds"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a cuda device")
+@pytest.mark.parametrize("reward_kind", ["mlp", "callable"])
+def test_planner_cuda_graph_under_autocast_equals_eager(reward_kind, device):
+    """The captured decision under autocast casts the weights inside the graph (autocast's cache is off for the
+    reward): replays equal eager decisions, also after the weights change in place."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a cuda device")
+    m = _model("layernorm_gru", device, seed=12, norm=True)
+    torch.manual_seed(13)
+    reward = nn.Sequential(nn.Linear(m.feature_dim, 8), nn.SiLU(), nn.Linear(8, 1)).to(device)
+    r = reward if reward_kind == "mlp" else (lambda f: reward(f))
+    kw = dict(horizon=4, candidates=64, top_k=8, iterations=3)
+    graphed = fastwm.CEMPlanner(m, r, cuda_graph=True, generator=_gen(device, 3), **kw)
+    eager = fastwm.CEMPlanner(m, r, generator=_gen(device, 3), **kw)
+    belief = State(*(_randn(4, w, device=device, seed=80 + i) for i, w in enumerate((m.deter, S, S, S))))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for step in range(4):
+            _assert_equal(graphed(belief), eager(belief), f"decision {step}")
+            if step == 1:
+                with torch.no_grad():
+                    for prm in [*m.parameters(), *reward.parameters()]:
+                        prm.mul_(1.25)
+
+
+def test_world_model_loss_under_autocast(device):
+    """The package's own world model trains under autocast: a half-precision decoder mean against float32
+    observations is fine for gaussian_log_prob, and the loss reaches every float32 parameter."""
+    from fastwm.worldmodel import WorldModel
+
+    torch.manual_seed(14)
+    wm = WorldModel((5,), A, embed=8, deter=6, stoch=3, hidden=8).to(device)
+    obs = _randn(2, 4, 5, device=device, seed=90)
+    action = _randn(2, 4, A, device=device, seed=91)
+    reward = _randn(2, 4, device=device, seed=92)
+    first = torch.zeros(2, 4, dtype=torch.bool, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = wm.loss(obs, action, reward, first)
+    out.terms.loss.backward()
+    assert torch.isfinite(out.terms.loss) and out.terms.loss.dtype == torch.float32
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in wm.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("cell", ["gru", "layernorm_gru"])
@@ -277,9 +387,9 @@ def test_cells_under_autocast_cast_their_arguments(cell, case, device):
         out_h = fn(x, h_h, *ws_h)
         (out_h.float() * up).sum().backward()
     _assert_equal(out, out_h, f"{cell} cell")
-    _assert_grads(h.grad, h_h.grad, dtype, "h")
+    _assert_grads(h.grad, h_h.grad, "h")
     for i, (w, w_h) in enumerate(zip(ws, ws_h)):
-        _assert_grads(w.grad, w_h.grad, dtype, f"weight {i}")
+        _assert_grads(w.grad, w_h.grad, f"weight {i}")
 
 
 @pytest.mark.parametrize("model_dtype", [torch.float64, "half"], ids=["float64", "half"])
