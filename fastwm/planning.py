@@ -318,7 +318,8 @@ class _Planner(nn.Module):
         return _Captured(graph, *static, out, self._bounds(mean))
 
     def forward(self, state: State) -> Tensor:
-        """Actions [B, A]: the first step of the plan for each of the B beliefs."""
+        """Actions [B, A]: the first step of the plan for each of the B beliefs, in float32 (float64 for float64
+        beliefs) whatever the model's dtype."""
         return self.plan(state)[:, 0]
 
 
