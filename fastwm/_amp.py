@@ -28,10 +28,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["autocast_again", "autocast_dtype", "autocast_on", "cast", "cast_args", "no_autocast", "outer_dtype",
-           "without_autocast"]
+__all__ = ["ELIGIBLE", "autocast_again", "autocast_dtype", "autocast_on", "cast", "cast_args", "cast_eligible",
+           "no_autocast", "outer_dtype", "without_autocast"]
 
 _LOWER = (torch.float16, torch.bfloat16)
+ELIGIBLE = (torch.float32, *_LOWER)  # the dtypes autocast casts (float64 it leaves alone)
 
 
 def autocast_on(device: torch.device) -> bool:
@@ -51,9 +52,9 @@ def autocast_dtype(like: Tensor) -> torch.dtype | None:
     """The dtype a layer whose parameters are like ``like`` computes in under autocast: autocast's float16 or
     bfloat16 when autocast is on for ``like``'s device type and ``like`` is float32 (and the two differ), else None
     (no cast)."""
-    if like.dtype != torch.float32 or not autocast_on(like.device):
+    if like.dtype != torch.float32:
         return None
-    dtype = torch.get_autocast_dtype(like.device.type)
+    dtype = outer_dtype(like.device)
     return dtype if dtype in _LOWER else None
 
 
@@ -64,11 +65,17 @@ def cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t.to(dtype)
 
 
+def cast_eligible(t: object, dtype: torch.dtype) -> object:
+    """``t`` cast to ``dtype`` as autocast would: a float32, float16 or bfloat16 tensor is, a float64 one or a
+    non-tensor is left as it is."""
+    return cast(t, dtype) if isinstance(t, Tensor) and t.dtype in ELIGIBLE else t
+
+
 def cast_args(device: torch.device, *ts: object) -> tuple[object, ...]:
     """The functional ops' rule (autocast's own for ``gru_cell``): under autocast for ``device``'s type, every
     float32, float16 or bfloat16 tensor among ``ts`` cast to its dtype; float64 ones and non-tensors as they are."""
     dtype = torch.get_autocast_dtype(device.type)
-    return tuple(cast(t, dtype) if isinstance(t, Tensor) and t.dtype in (torch.float32, *_LOWER) else t for t in ts)
+    return tuple(cast_eligible(t, dtype) for t in ts)
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -96,9 +103,8 @@ def without_autocast(backward: Callable) -> Callable:
     @functools.wraps(backward)
     def run(ctx, *grads):
         with contextlib.ExitStack() as stack:
-            for kind in {g.device.type for g in grads if isinstance(g, Tensor)}:
-                if torch.is_autocast_enabled(kind):
-                    stack.enter_context(torch.autocast(kind, enabled=False))
+            for device in {g.device for g in grads if isinstance(g, Tensor)}:
+                stack.enter_context(no_autocast(device))
             return backward(ctx, *grads)
 
     return run

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from ._amp import autocast_on
+from ._amp import ELIGIBLE, autocast_on
 from ._validation import check_tensor, check_values
 from .gaussian import gaussian_kl
 from .kl import KL_MODES, KL_PRESETS, _check_scalar, kl_loss
@@ -330,8 +330,7 @@ class SequenceELBO(nn.Module):
 
 def _autocast_mix(x: Tensor, other: Tensor) -> bool:
     """float32 / float16 / bfloat16 mixed inside an autocast region for x's device type (computed in float32)."""
-    mixable = (torch.float32, torch.float16, torch.bfloat16)
-    return x.dtype in mixable and other.dtype in mixable and autocast_on(x.device)
+    return x.dtype in ELIGIBLE and other.dtype in ELIGIBLE and autocast_on(x.device)
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor = 1.0, *, event_dims: int = 1) -> Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from ._amp import cast_eligible
 from .step_ops import _ACT_IDS, _CELL_IDS, _STD_IDS
 
 __all__ = ["PackedMLP", "pack_mlp", "imagine_fused", "RolloutOutput"]
@@ -95,9 +96,8 @@ def cast_mlp(packed: PackedMLP | None, dtype: torch.dtype | None) -> PackedMLP |
     it, float64 ones left as they are; ``packed`` itself when either is None."""
     if packed is None or dtype is None:
         return packed
-    eligible = (torch.float32, torch.float16, torch.bfloat16)
-    return PackedMLP([(w.to(dtype), b.to(dtype)) if w.dtype in eligible else (w, b) for w, b in packed.layers],
-                     packed.act, packed.out_act)
+    return PackedMLP([(cast_eligible(w, dtype), cast_eligible(b, dtype)) for w, b in packed.layers], packed.act,
+                     packed.out_act)
 
 
 class RolloutOutput(NamedTuple):
