@@ -141,10 +141,13 @@ def _recompute_saved(z_in: Tensor, h_in: Tensor, a_in: Tensor, embed: Tensor, se
     T x B rows, no time loop. Its samples are thrown away (the backward regenerates the noise from the seed)."""
     t_len, b = embed.shape[:2]
     rows = t_len * b
-    d = h_in.shape[-1] if h_in.numel() else 0  # cell "none" has no deter
-    step = _step_op(z_in.reshape(rows, -1), a_in.reshape(rows, -1), h_in.reshape(rows, d), embed.reshape(rows, -1),
-                    None, None, seed, weights, cell, act, norm, True, std_mode, min_std, eps)
-    return [t.view(t_len, b, *t.shape[1:]) if t.numel() else t for t in step[_N_STEP_OUT:]]
+    d = h_in.shape[-1] if h_in.dim() == 3 else 0  # cell "none" has no deter
+    step = _step_op(z_in.reshape(rows, z_in.shape[-1]), a_in.reshape(rows, a_in.shape[-1]), h_in.reshape(rows, d),
+                    embed.reshape(rows, embed.shape[-1]), None, None, seed, weights, cell, act, norm, True, std_mode,
+                    min_std, eps)
+    # [T * B, ...] -> [T, B, ...]; an absent buffer (shape [0]) stays as it is (B = 0: only the 2-d ones are real)
+    return [t.view(t_len, b, *t.shape[1:]) if t.numel() or (rows == 0 and t.dim() >= 2) else t
+            for t in step[_N_STEP_OUT:]]
 
 
 def _backward(ctx, *grads):
@@ -176,8 +179,8 @@ def _backward(ctx, *grads):
                                                           std_mode, min_std)
     rows = t_len * b
 
-    def flat(t: Tensor) -> Tensor:
-        return t.reshape(rows, *t.shape[2:]) if t.numel() else t
+    def flat(t: Tensor) -> Tensor:  # [T, B, ...] -> [T * B, ...]; an absent one (shape [0]) stays as it is
+        return t.reshape(rows, *t.shape[2:]) if t.dim() >= 2 else t
 
     # The posterior at step t feeds every later step: past one step, any gradient reaches the posterior head.
     post_used = _reached(grads, POST_OUTPUTS) or (t_len > 1 and _reached(grads, range(_N_OUT)))
@@ -218,8 +221,11 @@ def fused_observe(cfg: reference.StepConfig, w: reference.StepWeights, stoch0: T
     """observe on batch-first inputs embed [B, T, E], action [B, T, A], is_first [B, T] (bool) or None, noise and
     prior_noise [B, T, S] or None -> batch-first contiguous (deter, post stoch, mean, std, prior stoch, mean, std,
     kl [B, T]). ``recompute``: keep only each step's input state for the backward (see :func:`saved_bytes`)."""
-    device = stoch0.device if generator is None else generator.device
-    seed = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, generator=generator).to(stoch0.device)
+    if noise is not None and prior_noise is not None:  # nothing to draw: the random state stays as it is
+        seed = stoch0.new_zeros(2, dtype=torch.int64)
+    else:
+        device = stoch0.device if generator is None else generator.device
+        seed = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, generator=generator).to(stoch0.device)
     weights = [stoch0.new_empty(0) if t is None else t for t in w]
     first = None if is_first is None else is_first.transpose(0, 1).to(torch.int8).contiguous()
     out = _observe_op(stoch0, deter0, action.transpose(0, 1), embed.transpose(0, 1), first,

@@ -123,6 +123,19 @@ class _Planner(nn.Module):
         self._consts: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._graphs: dict[tuple, _Captured] = {}
 
+    _EXACT = ("action_low", "action_high", "init_std")  # float64 buffers whose dtype .to() / .half() leave alone
+
+    def _apply(self, fn, recurse: bool = True):
+        # Module.to(dtype), .half() and .bfloat16() cast every floating buffer. The bounds stay float64, only moved:
+        # rounded to a half dtype, 0.3 would become 0.30078125 and the plan (float32) could leave the bounds.
+        kept = {n: self._buffers[n] for n in self._EXACT}
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)
+        return self
+
     def reset(self) -> None:
         """Forget the previous plan (start of an episode). Captured CUDA graphs are kept (see :meth:`clear_graphs`)."""
         self._plan = None
@@ -162,7 +175,7 @@ class _Planner(nn.Module):
         packed = None
         if use_triton(stoch):
             packed = cast_mlp(pack_mlp(self.reward, rssm.feature_dim, 1), outer)
-            if packed is not None and packed.layers[0][0].dtype != stoch.dtype:
+            if packed is not None and not packed.fits(stoch):
                 packed = None  # the reward then runs on the imagined features, as it is
         return _Decision(rssm.weights(stoch.dtype), packed, outer)
 

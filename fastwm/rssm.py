@@ -500,7 +500,7 @@ class RSSM(nn.Module):
             if use_triton(state.stoch) and not needs_grad(state.stoch, state.deter, module=self) and not (
                     isinstance(policy, nn.Module) and needs_grad(module=policy)):
                 packed = cast_mlp(pack_mlp(policy, self.feature_dim, self.action_dim), outer)
-                if packed is not None and packed.layers[0][0].dtype == state.stoch.dtype:
+                if packed is not None and packed.fits(state.stoch):
                     # A plain MLP policy and no gradient needed: the closed loop runs inside one kernel launch.
                     out = imagine_fused(self.config, w, state.stoch, state.deter, horizon, policy=packed,
                                         generator=generator)

@@ -103,3 +103,57 @@ def test_cuda_graph_replays_observe_backward_and_imagine(device, cell):
             assert len(replayed) == len(eager)
             for got, want in zip(replayed, eager):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["gru", "none"])
+def test_fullgraph_compile_of_no_grad_imagination(device, cell):
+    # No-gradient imagine and a plain-MLP rollout run their one-launch kernel; inside torch.compile that launch is the
+    # registered op fastwm::rollout (a compiler cannot trace the launcher), and the compiled call gives what the
+    # eager one gives: exactly, with the same seed drawn for the in-kernel noise (fallback_random).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = fastwm.RSSM(3, 6, stoch=4, deter=8, hidden=8, cell=cell).to(device)
+    policy = torch.nn.Sequential(torch.nn.Linear(m.feature_dim, 8), torch.nn.ELU(), torch.nn.Linear(8, 3),
+                                 torch.nn.Tanh()).to(device)
+    g = torch.Generator().manual_seed(1)
+    start = fastwm.State(*(torch.randn(t.shape, generator=g).to(device) for t in m.initial(5)))
+    actions = torch.randn(5, 4, 3, generator=g).to(device)
+    noise = torch.randn(5, 4, 4, generator=g).to(device)
+
+    def dream(start, actions, noise):
+        with torch.no_grad():
+            img = m.imagine(actions, start, noise)
+            closed, acts = m.rollout(policy, start, 3)
+        return (*img, *closed, acts)
+
+    assert hasattr(torch.ops.fastwm, "rollout")
+    with fastwm.backend("triton"), torch._inductor.config.patch(fallback_random=True):
+        compiled = torch.compile(dream, fullgraph=True)
+        torch.manual_seed(2)
+        got = compiled(start, actions, noise)
+        torch.manual_seed(2)
+        want = dream(start, actions, noise)
+    assert len(got) == len(want) == 9
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_opcheck_rollout(device):
+    # fastwm::rollout's schema and fake registration agree with the kernel (closed loop with a reward sum, and open
+    # loop writing the features).
+    torch.manual_seed(0)
+    m = fastwm.RSSM(3, 6, stoch=4, deter=8, hidden=8).double().to(device)
+    start = [torch.randn(t.shape, dtype=torch.float64, device=device) for t in m.initial(3)]
+    weights = [torch.empty(0, dtype=torch.float64, device=device) if t is None else t.detach() for t in m.weights()]
+    pol = [torch.randn(3, m.feature_dim, dtype=torch.float64, device=device),
+           torch.randn(3, dtype=torch.float64, device=device)]
+    rew = [torch.randn(1, m.feature_dim, dtype=torch.float64, device=device),
+           torch.randn(1, dtype=torch.float64, device=device)]
+    seed = torch.tensor([5], dtype=torch.int64, device=device)
+    noise = torch.randn(3, 2, 4, dtype=torch.float64, device=device)
+    actions = torch.randn(3, 2, 3, dtype=torch.float64, device=device)
+    op = torch.ops.fastwm.rollout.default
+    torch.library.opcheck(op, (start[1], start[0], None, None, seed, weights, pol, rew, 2, 0, 0, False, 0, 0.1, 1e-3,
+                               4, 3, 4, 4, True, False, False))
+    torch.library.opcheck(op, (start[1], start[0], actions, noise, None, weights, [], [], 2, 0, 0, False, 0, 0.1, 1e-3,
+                               4, 4, 4, 4, False, True, True))

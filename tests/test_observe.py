@@ -103,6 +103,48 @@ def test_observe_edge_shapes(device, b, t):
         assert_close(a, e, torch.float64, f"d {name}")
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_observe_empty_batch_forward_and_backward(device, cfg, recompute):
+    # B = 0 (an empty or fully filtered batch): the shapes the reference gives, and zero gradients for every
+    # parameter, the backward included (it once reached the weight products with unflattened [T, 0, X] tensors).
+    m = _model(device, torch.float64, **cfg)
+    g = torch.Generator().manual_seed(5)
+    results = {}
+    for backend in ("triton", "reference"):
+        embed = _randn((0, 3, 9), g, device, torch.float64).requires_grad_()
+        action = _randn((0, 3, 3), g, device, torch.float64).requires_grad_()
+        with fastwm.backend(backend):
+            post, prior, kl = m.observe(embed, action, torch.zeros(0, 3, dtype=torch.bool, device=device),
+                                        return_kl=True, recompute=recompute)
+        outs = [*post, *prior, kl]
+        loss = sum(o.sum() for o in outs)
+        grads = torch.autograd.grad(loss, [embed, action, *m.parameters()], allow_unused=True)
+        results[backend] = outs, [torch.zeros_like(x) if d is None else d
+                                  for x, d in zip([embed, action, *m.parameters()], grads)]
+    for name, a, e in zip(OUT_NAMES, results["triton"][0], results["reference"][0]):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+    names = ["embed", "action"] + [n for n, _ in m.named_parameters()]
+    for name, a, e in zip(names, results["triton"][1], results["reference"][1]):
+        assert a.shape == e.shape and not a.any() and not e.any(), f"d {name}"
+
+
+def test_observe_with_given_noise_leaves_the_random_state_alone(device):
+    # Both noises given: nothing is drawn, as on the reference backend and in obs_step (user code after observe
+    # stays reproducible across backends, and torch.func.vmap's randomness check does not fire).
+    m = _model(device, torch.float32)
+    _, embed, action, first, noise, prior_noise = _inputs(m, 4, 3, seed=6)
+    after = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(7)
+        with fastwm.backend(backend):
+            m.observe(embed, action, first, noise=noise, prior_noise=prior_noise)
+        after[backend] = torch.randn(3, device=device)
+    torch.manual_seed(7)
+    untouched = torch.randn(3, device=device)
+    assert torch.equal(after["triton"], untouched) and torch.equal(after["reference"], untouched)
+
+
 def test_observe_without_resets_or_state(device):
     m = _model(device, torch.float32)
     _, embed, action, _, noise, prior_noise = _inputs(m, 6, 3, seed=4)

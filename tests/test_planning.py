@@ -112,6 +112,43 @@ def test_deterministic_scoring_follows_the_prior_mean(device, backend):
     assert (got[True] - expected).abs().max() > 0.1
 
 
+@pytest.mark.interpreter
+def test_a_reward_that_is_not_plain_runs_as_it_is(device):
+    # A reward MLP with a forward hook (here a cost turned into a reward) must not run in the kernel as its bare
+    # weights: the fused planner scores with the hook, as the reference planner does.
+    m = _linear_model(device)
+    cost = nn.Sequential(nn.Linear(A, 5), nn.Tanh(), nn.Linear(5, 1)).double().to(device)
+    cost[2].register_forward_hook(lambda mod, inp, out: -out)
+    torch.manual_seed(4)
+    cand = (torch.rand(2, 16, 3, A, dtype=torch.float64) * 2 - 1).to(device)
+    state = m.initial(2)
+    for backend in ("triton", "reference"):
+        planner = fastwm.CEMPlanner(m, cost, horizon=3, candidates=16, top_k=4)
+        with fastwm.backend(backend), torch.no_grad():
+            got = planner._returns(state.stoch, state.deter, cand)
+        torch.testing.assert_close(got, cost(cand).squeeze(-1).sum(-1), rtol=1e-9, atol=1e-9, msg=backend)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to-float16"])
+def test_bounds_keep_their_value_when_the_planner_is_cast(device, cast):
+    # Module.half() / .to(dtype) cast floating buffers; the bounds stay float64 and only follow the device (0.3 in
+    # bfloat16 is 0.30078125: the plan, float32 for a half model, would leave the bounds).
+    m = _linear_model(device)
+    high = [0.3, 0.7, 0.1]
+    planner = fastwm.CEMPlanner(m, _reward(device), horizon=2, candidates=40, iterations=2, top_k=5,
+                                action_low=-0.3, action_high=high, init_std=0.2)
+    planner = planner.to(torch.float16) if cast == "to-float16" else getattr(planner, cast)()
+    for name, want in (("action_low", [-0.3] * A), ("action_high", high), ("init_std", [0.2] * A)):
+        got = getattr(planner, name)
+        assert got.dtype == torch.float64 and got.device.type == device.type, name
+        assert got.tolist() == want, name
+    with fastwm.backend("reference"):
+        actions = planner(m.initial(2))
+    low_t = torch.full((A,), -0.3, dtype=torch.float64).to(device, actions.dtype)
+    high_t = torch.tensor(high, dtype=torch.float64).to(device, actions.dtype)
+    assert ((actions >= low_t) & (actions <= high_t)).all()
+
+
 def test_same_generator_seed_same_plan(device):
     m = _linear_model(device)
     with fastwm.backend("reference"):

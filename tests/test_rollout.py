@@ -196,6 +196,69 @@ def test_pack_mlp_accepts_plain_mlps_only():
     assert pack_mlp(lambda x: x, f, 1) is None
 
 
+class _Scaled(nn.Linear):
+    def forward(self, x):  # a subclass whose forward is not nn.Linear's
+        return 0.1 * super().forward(x)
+
+
+class _Negate(nn.Module):
+    def forward(self, w):
+        return -w
+
+
+def _not_as_written(f: int, out: int) -> dict[str, nn.Module]:
+    """Plain-looking float64 MLPs [f -> out] whose forward is not the bare product of their stored weights."""
+    def mlp() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(f, 4), nn.ReLU(), nn.Linear(4, out)).double()
+
+    cases: dict[str, nn.Module] = {
+        "linear subclass": nn.Sequential(nn.Linear(f, 4), nn.ReLU(), _Scaled(4, out)).double(),
+        "outer subclass": _Scaled(f, out).double(),
+    }
+    hooked = mlp()
+    hooked[2].register_forward_hook(lambda mod, inp, res: res.clamp(-0.05, 0.05))
+    cases["forward hook"] = hooked
+    pre = mlp()
+    pre.register_forward_pre_hook(lambda mod, inp: (inp[0] * 2,))
+    cases["pre-hook"] = pre
+    param = mlp()
+    torch.nn.utils.parametrize.register_parametrization(param[0], "weight", _Negate())
+    cases["parametrization"] = param
+    cases["spectral norm"] = nn.Sequential(torch.nn.utils.spectral_norm(nn.Linear(f, out))).double()
+    return cases
+
+
+def test_pack_mlp_refuses_what_does_not_run_as_written():
+    # Reading the weights of any of these would run another function than the module's forward.
+    f = 10
+    for name, module in _not_as_written(f, 2).items():
+        assert pack_mlp(module, f, 2) is None, name
+    mixed = nn.Sequential(nn.Linear(f, 4), nn.ReLU(), nn.Linear(4, 2).double())
+    assert pack_mlp(mixed, f, 2) is None  # layers of two dtypes
+    plain = nn.Sequential(nn.Linear(f, 4), nn.ReLU(), nn.Linear(4, 2))
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, inp, res: res)
+    try:
+        assert pack_mlp(plain, f, 2) is None  # a global hook runs around every forward
+    finally:
+        handle.remove()
+    assert pack_mlp(plain, f, 2) is not None
+
+
+def test_rollout_runs_a_policy_that_is_not_plain_as_it_is(device):
+    # The actions are policy(features) whatever the policy: one that is not plain runs in PyTorch, step by step.
+    m = _model(device, torch.float64)
+    start = _start(m, 3, torch.Generator().manual_seed(8))
+    for name, policy in _not_as_written(m.feature_dim, m.action_dim).items():
+        if name == "spectral norm":  # each forward takes a power-iteration step: not a function of the features
+            continue
+        policy = policy.to(device)
+        with torch.no_grad(), fastwm.backend("triton"):
+            dream, actions = m.rollout(policy, start, 2, generator=torch.Generator().manual_seed(0))
+            assert_close(actions[:, 0], policy(m.features(start)), torch.float64, name)
+            first = fastwm.State(*(t[:, 0] for t in dream))
+            assert_close(actions[:, 1], policy(m.features(first)), torch.float64, name)
+
+
 def test_row_blocks_stop_at_32_rows_with_an_mlp_in_the_kernel():
     # A policy or reward MLP in the loop spills above 32 rows in the sm_90 compile (kernels/rollout.py's notes).
     from fastwm.kernels.rollout import _tile_candidates
