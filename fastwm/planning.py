@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ._amp import autocast_again, no_autocast, outer_dtype
 from ._backend import get_backend, use_triton
-from ._validation import check_float, check_positive_int, check_values
+from ._validation import _capturing, check_float, check_positive_int, check_values
 from .reference import StepWeights
 from .rollout import PackedMLP, cast_mlp, imagine_fused, pack_mlp
 from .rssm import RSSM, State
@@ -100,6 +100,10 @@ class _Planner(nn.Module):
         if not bool((low < high).all()):
             raise ValueError(f"action_low must be below action_high in every dim, got {low.tolist()} and "
                              f"{high.tolist()}")
+        # on the model's device from the start: copying them there later would be a host-to-device copy, which a
+        # CUDA graph capture of the first decision cannot take
+        home = rssm.prior2.weight.device
+        low, high = low.to(home), high.to(home)
         self.register_buffer("action_low", low, persistent=False)
         self.register_buffer("action_high", high, persistent=False)
         if init_std is not None and not (math.isfinite(check_float("init_std", init_std)) and init_std > 0):
@@ -154,10 +158,15 @@ class _Planner(nn.Module):
         key = (like.device, like.dtype, *self._bounds_key())
         got = self._consts.get(key)
         if got is None:
-            self._consts = {k: v for k, v in self._consts.items() if k[:2] != key[:2]}  # (a graph keeps its own)
+            if self.action_low.device != like.device and _capturing():
+                raise RuntimeError(f"the planner's bounds are on {self.action_low.device} and the belief on "
+                                   f"{like.device}: move the planner there (planner.to(device)) before capturing "
+                                   "a decision in a CUDA graph (a capture cannot copy from the host)")
             low, high = self.action_low.to(like), self.action_high.to(like)
             got = (low, high, self.init_std.to(like), ((self.action_low + self.action_high) / 2).to(like))
-            self._consts[key] = got
+            if not _capturing():  # made in a capture, they would hold their values only once the graph replays
+                self._consts = {k: v for k, v in self._consts.items() if k[:2] != key[:2]}  # (a graph keeps its own)
+                self._consts[key] = got
         return got
 
     # ------------------------------------------------------------------------------------------------------------------

@@ -80,8 +80,9 @@ def test_reference_runs_without_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["reference", "triton"])
-def test_seeded_sample_reproducible_on_each_backend(name):
-    mean, std = torch.randn(6, 30, dtype=torch.float64), torch.rand(6, 30, dtype=torch.float64) + 0.5
+def test_seeded_sample_reproducible_on_each_backend(name, device):
+    mean = torch.randn(6, 30, dtype=torch.float64, device=device)
+    std = torch.rand(6, 30, dtype=torch.float64, device=device) + 0.5
     with fastwm.backend(name):
         a, b, c = (fastwm.gaussian_rsample(mean, std, generator=torch.Generator().manual_seed(k)) for k in (4, 4, 5))
     assert torch.equal(a, b) and not torch.equal(a, c)

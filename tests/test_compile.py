@@ -157,3 +157,32 @@ def test_opcheck_rollout(device):
                                4, 3, 4, 4, True, False, False))
     torch.library.opcheck(op, (start[1], start[0], actions, noise, None, weights, [], [], 2, 0, 0, False, 0, 0.1, 1e-3,
                                4, 4, 4, 4, False, True, True))
+
+
+def test_value_checks_stay_out_of_a_cuda_graph_capture(device):
+    # set_validate_args(True) checks values with a host sync; inside a capture (where a sync is an error) every value
+    # check is skipped, is_first's 0 / 1 check included.
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a cuda device")
+    torch.manual_seed(0)
+    m = fastwm.RSSM(3, 8, stoch=4, deter=16, hidden=16).to(device)
+    embed, action = torch.randn(2, 3, 8, device=device), torch.randn(2, 3, 3, device=device)
+    first = torch.zeros(2, 3, device=device)  # numbers, not bool: the check that syncs
+    first[:, 0] = 1
+    noise = torch.randn(2, 3, 4, device=device)
+    fastwm.set_validate_args(True)
+    try:
+        with fastwm.backend("triton"), torch.no_grad():
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                m.observe(embed, action, first, noise=noise, prior_noise=noise)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                post, _ = m.observe(embed, action, first, noise=noise, prior_noise=noise)
+            graph.replay()
+            want, _ = m.observe(embed, action, first, noise=noise, prior_noise=noise)
+    finally:
+        fastwm.set_validate_args(False)
+    torch.testing.assert_close(post.stoch, want.stoch, rtol=0, atol=0)

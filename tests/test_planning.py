@@ -252,6 +252,39 @@ def test_planner_value_checks(device, backend):
     assert actions.shape == (2, A)
 
 
+def test_bounds_are_made_on_the_models_device(device):
+    m = _linear_model(device)
+    planner = fastwm.CEMPlanner(m, _reward(device), action_low=[-0.5, -0.2, 0.0], action_high=1.0)
+    for t in (planner.action_low, planner.action_high, planner.init_std):
+        assert t.device == m.prior2.weight.device and t.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_decision_captured_by_the_caller(device, backend):
+    # A user who captures a whole decision in a CUDA graph, with no eager call of this planner before the capture:
+    # nothing in it may copy from the host (the bounds were made on the model's device), and the replay plans
+    # inside the bounds. (Another planner warms the kernels and cuBLAS up first, on a side stream.)
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a cuda device")
+    m = _tracking_model(device)
+    kw = dict(horizon=3, candidates=32, top_k=4, iterations=2, action_low=-0.5, action_high=0.5, cuda_graph=True)
+    belief = m.initial(2)._replace(stoch=torch.full((2, A), 0.3, dtype=torch.float64, device=device))
+    with fastwm.backend(backend):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fastwm.CEMPlanner(m, _tracking_reward, **kw)(belief)
+        torch.cuda.current_stream(device).wait_stream(side)
+        planner = fastwm.CEMPlanner(m, _tracking_reward, **kw)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = planner(belief)
+        graph.replay()
+        torch.cuda.synchronize(device)
+    assert out.shape == (2, A) and torch.isfinite(out).all()
+    assert ((out >= -0.5) & (out <= 0.5)).all()
+
+
 def _tracking_model(device) -> fastwm.RSSM:
     """cell "none", S = A: z_{t+1} = z_t + a_t exactly. With the reward -|z_{t+1}|^2 the best first action is -z_0
     (within the bounds), so the plan depends on the belief."""
@@ -313,7 +346,7 @@ def test_cuda_graph_arguments(device):
                                 cuda_graph=True, generator=torch.Generator().manual_seed(0))
     with fastwm.backend("reference"):
         if device.type == "cuda":  # the candidates are drawn inside the graph: a CPU generator cannot be captured
-            with pytest.raises(ValueError, match="generator must be a torch.Generator on the cuda device"):
+            with pytest.raises(ValueError, match="generator must be a torch.Generator on the belief's device"):
                 planner(m.initial(1))
         else:
             assert planner(m.initial(1)).shape == (1, A)

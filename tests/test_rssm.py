@@ -569,8 +569,8 @@ def test_initial_and_features(cfg, dtype, device):
 # -- errors -------------------------------------------------------------------------------------------------------------
 
 
-def _small(**kw) -> fastwm.RSSM:
-    return _rssm({**RSSM_CONFIGS["gru-elu-softplus"], **kw}, torch.device("cpu"), torch.float32)
+def _small(device: torch.device = torch.device("cpu"), **kw) -> fastwm.RSSM:
+    return _rssm({**RSSM_CONFIGS["gru-elu-softplus"], **kw}, device, torch.float32)
 
 
 def _bad_calls():
@@ -659,10 +659,12 @@ BAD_CALLS = _bad_calls()
 
 
 @pytest.mark.parametrize("call,exc,match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
-def test_bad_input_errors(call, exc, match):
-    model, b = _small(), 4
-    with fastwm.backend(FUSED_BACKEND), pytest.raises(exc, match=match):  # the checks run before any kernel
-        call(model, model.initial(b), b)
+def test_bad_input_errors(call, exc, match, device):
+    # On the tests' device (torch.device as a context: the calls' tensors are made there), because the "triton"
+    # backend refuses CPU tensors where the interpreter is off.
+    model, b = _small(device), 4
+    with torch.device(device), fastwm.backend(FUSED_BACKEND), pytest.raises(exc, match=match):
+        call(model, model.initial(b), b)  # the checks run before any kernel
 
 
 @pytest.mark.parametrize(
@@ -705,11 +707,16 @@ def test_cell_bad_input_errors(call, exc, match):
 
 
 @pytest.mark.parametrize("backend", ["reference", FUSED_BACKEND])
-def test_value_checks_name_the_argument(backend):
+def test_value_checks_name_the_argument(backend, device):
     """With set_validate_args(True), a non-finite input raises naming it on every path: the steps, and the
     whole-sequence kernels (observe's time loop, imagine's and rollout's single launch) as well; is_first must hold
     0 and 1. Off, the same calls run."""
-    model, b = _small(), 4
+    with torch.device(device):  # every tensor and the policy below on the tests' device
+        _value_checks_name_the_argument(backend, device)
+
+
+def _value_checks_name_the_argument(backend: str, device: torch.device) -> None:
+    model, b = _small(device), 4
     nan = torch.full((b, A), float("nan"))
     z, st = torch.zeros, model.initial(b)
     nan_state = st._replace(deter=torch.full((b, D), float("nan")))
@@ -787,14 +794,14 @@ def test_step_loops_check_values_once_per_call(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["reference", FUSED_BACKEND])
-def test_is_first_as_numbers_and_empty_batch(backend):
+def test_is_first_as_numbers_and_empty_batch(backend, device):
     """is_first given as 0 / 1 floats or ints resets exactly as the bool tensor does; observe on an empty batch with
     no state returns empty States."""
-    model, b, t_len = _small(), 3, 3
+    model, b, t_len = _small(device), 3, 3
     g = _gen(5)
-    embed, action = torch.randn(b, t_len, E, generator=g), torch.randn(b, t_len, A, generator=g)
-    noise = torch.randn(b, t_len, S, generator=g)
-    first = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1]])
+    embed, action = torch.randn(b, t_len, E, generator=g).to(device), torch.randn(b, t_len, A, generator=g).to(device)
+    noise = torch.randn(b, t_len, S, generator=g).to(device)
+    first = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1]], device=device)
     with fastwm.backend(backend), torch.no_grad():
         want, _ = model.observe(embed, action, first.bool(), noise=noise, prior_noise=noise)
         for as_numbers in (first.float(), first, first.to(torch.uint8)):

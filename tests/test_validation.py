@@ -10,8 +10,9 @@ import fastwm
 BACKENDS = ["reference", "triton"]
 
 
-def _q(shape=(4, 30), dtype=torch.float32):
-    return torch.randn(shape, dtype=dtype), torch.rand(shape, dtype=dtype) + 0.1
+def _q(device=torch.device("cpu"), shape=(4, 30), dtype=torch.float32):
+    # on the tests' device: a CPU tensor on the "triton" backend raises before any check when the interpreter is off
+    return torch.randn(shape, dtype=dtype).to(device), (torch.rand(shape, dtype=dtype) + 0.1).to(device)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -26,7 +27,7 @@ def backend(request):
         (lambda m, s: fastwm.gaussian_kl(m, s, m, s[:, :3]), ValueError, "p_std must have shape"),
         (lambda m, s: fastwm.gaussian_kl(m, s.double(), m, s), TypeError, "q_std must have the dtype"),
         (lambda m, s: fastwm.gaussian_kl(m, s, m.int(), s), TypeError, "p_mean must be float16"),
-        (lambda m, s: fastwm.gaussian_kl(m.numpy(), s, m, s), TypeError, "q_mean must be a torch.Tensor"),
+        (lambda m, s: fastwm.gaussian_kl(m.cpu().numpy(), s, m, s), TypeError, "q_mean must be a torch.Tensor"),
         (lambda m, s: fastwm.gaussian_kl(m[:, :0], s[:, :0], m[:, :0], s[:, :0]), ValueError,
          "q_mean must have a non-empty last dimension"),
         (lambda m, s: fastwm.gaussian_kl(m[0, 0], s[0, 0], m[0, 0], s[0, 0]), ValueError, "q_mean must have at least"),
@@ -46,8 +47,8 @@ def backend(request):
         (lambda m, s: fastwm.std_from_raw(m, mode="softplus_clamp", min_std=0.0), ValueError, "min_std must be > 0"),
     ],
 )
-def test_bad_input_errors(call, exc, match, backend):
-    m, s = _q()
+def test_bad_input_errors(call, exc, match, backend, device):
+    m, s = _q(device)
     with pytest.raises(exc, match=match):
         call(m, s)
 
@@ -70,8 +71,8 @@ def test_device_mismatch_names_argument():
         (lambda m, s: fastwm.std_from_raw(torch.full_like(m, float("nan"))), "raw must be finite"),
     ],
 )
-def test_value_checks_when_enabled(call, match, backend):
-    m, s = _q()
+def test_value_checks_when_enabled(call, match, backend, device):
+    m, s = _q(device)
     fastwm.set_validate_args(True)
     try:
         assert fastwm.get_validate_args()
@@ -81,15 +82,16 @@ def test_value_checks_when_enabled(call, match, backend):
         fastwm.set_validate_args(False)
 
 
-def test_cell_weights_are_value_checked(backend):
-    x, h = torch.randn(3, 4), torch.randn(3, 5)
-    w_ih, w_hh = torch.randn(15, 4), torch.randn(15, 5)
+def test_cell_weights_are_value_checked(backend, device):
+    x, h = torch.randn(3, 4, device=device), torch.randn(3, 5, device=device)
+    w_ih, w_hh = torch.randn(15, 4, device=device), torch.randn(15, 5, device=device)
     fastwm.set_validate_args(True)
     try:
         with pytest.raises(ValueError, match="^weight_hh must be finite"):
-            fastwm.gru_cell(x, h, w_ih, w_hh.index_fill(0, torch.tensor([2]), float("nan")))
+            fastwm.gru_cell(x, h, w_ih, w_hh.index_fill(0, torch.tensor([2], device=device), float("nan")))
         with pytest.raises(ValueError, match="^norm_bias must be finite"):
-            fastwm.layernorm_gru_cell(x, h, torch.randn(15, 9), torch.ones(15), torch.full((15,), float("inf")))
+            fastwm.layernorm_gru_cell(x, h, torch.randn(15, 9, device=device), torch.ones(15, device=device),
+                                      torch.full((15,), float("inf"), device=device))
     finally:
         fastwm.set_validate_args(False)
 
