@@ -310,13 +310,26 @@ class RSSM(nn.Module):
             return self._img_step(state, action, noise, generator, self.weights(amp))
 
     def _img_step(self, state: State, action: Tensor, noise: Tensor | None,
-                  generator: torch.Generator | None, w: reference.StepWeights | None = None) -> State:
+                  generator: torch.Generator | None, w: reference.StepWeights | None = None,
+                  seed: Tensor | None = None) -> State:
         # img_step on inputs already checked (the time loops check a whole sequence once, not every step); ``w`` the
-        # weights in the computing dtype (the parameters when None)
+        # weights in the computing dtype (the parameters when None); ``seed`` see _step_seeds
         w = w if w is not None else self.weights(state.stoch.dtype)
         deter, z, mean, std = prior_step(self.config, w, state.stoch, action, state.deter, noise,
-                                         generator=generator, validate=False)
+                                         generator=None if seed is not None else generator, validate=False, seed=seed)
         return State(deter, z, mean, std)
+
+    @staticmethod
+    def _step_seeds(like: Tensor, horizon: int, generator: torch.Generator | None) -> Tensor | None:
+        """The seeds [H, 2] of a differentiable imagination's steps on the Triton backend: step t draws with seed + t
+        from ONE seed drawn from ``generator``, which is what the whole-horizon kernel draws (see
+        :func:`fastwm.rollout.imagine_fused`), so a generator gives the same imagination, and leaves the same state,
+        whether a gradient is needed or not. None on the reference backend, which draws each step with torch.randn."""
+        if not use_triton(like):
+            return None
+        device = like.device if generator is None else generator.device
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator).to(like.device)
+        return (seed + torch.arange(horizon, dtype=torch.int64, device=like.device))[:, None].expand(-1, 2).contiguous()
 
     def obs_step(self, state: State, action: Tensor, embed: Tensor, noise: Tensor | None = None, *,
                  prior_noise: Tensor | None = None, generator: torch.Generator | None = None,
@@ -470,8 +483,10 @@ class RSSM(nn.Module):
                                 noise=noise, generator=generator)
             return State(out.deter, out.stoch, out.mean, out.std)
         states = []
+        seeds = self._step_seeds(state.stoch, actions.shape[1], generator) if noise is None else None
         for t in range(actions.shape[1]):
-            state = self._img_step(state, actions[:, t], None if noise is None else noise[:, t], generator, w)
+            state = self._img_step(state, actions[:, t], None if noise is None else noise[:, t], generator, w,
+                                   None if seeds is None else seeds[t])
             states.append(state)
         return stack_states(states, like=state)
 
@@ -506,13 +521,14 @@ class RSSM(nn.Module):
                                         generator=generator)
                     return State(out.deter, out.stoch, out.mean, out.std), out.actions
             states, actions = [], []
-            for _ in range(horizon):
+            seeds = self._step_seeds(state.stoch, horizon, generator)
+            for t in range(horizon):
                 with autocast_again(device, outer):
                     a = policy(self.features(state))
                 a = self._check_input("policy output", a, self.action_dim, (b,), amp)
                 if get_validate_args():
                     check_values({"policy output": a})
-                state = self._img_step(state, a, None, generator, w)
+                state = self._img_step(state, a, None, generator, w, None if seeds is None else seeds[t])
                 states.append(state)
                 actions.append(a)
             return stack_states(states), torch.stack(actions, dim=1)

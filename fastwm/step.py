@@ -41,13 +41,16 @@ def prior_step(
     *,
     generator: torch.Generator | None = None,
     validate: bool = True,
+    seed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One prior step: stoch [B, S], action [B, A], deter [B, D] -> (deter' [B, D], stoch' [B, S], mean, std).
 
     ``noise`` [B, S] is used for the sample when given (as a constant: no gradient flows into it); otherwise the
     kernels draw it from a seed taken from ``generator`` (the reference backend draws it with torch.randn).
     ``validate=False`` skips the value checks (see :func:`fastwm.set_validate_args`): for a caller that has checked
-    these values already, such as a time loop that checked its whole sequence once."""
+    these values already, such as a time loop that checked its whole sequence once. ``seed`` (Triton backend, no
+    noise given): the int64 seeds [2] on the device to draw with instead of drawing them from ``generator``, so
+    that a time loop can give step t the seed the whole-horizon kernel gives it."""
     check_generator(generator)
     if noise is not None and generator is not None:
         raise ValueError("give either noise or generator, not both (the generator only draws noise)")
@@ -56,7 +59,7 @@ def prior_step(
     if use_triton(stoch):
         from .step_ops import fused_prior_step
 
-        return fused_prior_step(cfg, w, stoch, action, deter, noise, generator)
+        return fused_prior_step(cfg, w, stoch, action, deter, noise, generator, None if noise is not None else seed)
     return reference.rssm_prior_step(cfg, w, stoch, action, deter, _noise(noise, stoch, generator))
 
 

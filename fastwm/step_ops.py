@@ -250,8 +250,9 @@ def _seed(noise_given: bool, prior_noise_given: bool, generator, like: Tensor) -
 
 
 def _run_step(cfg: reference.StepConfig, w: reference.StepWeights, stoch, action, deter, embed, noise, prior_noise,
-              generator, post: bool) -> tuple[Tensor, ...]:
-    seed = _seed(noise is not None, (prior_noise is not None) or not post, generator, stoch)
+              generator, post: bool, seed: Tensor | None = None) -> tuple[Tensor, ...]:
+    if seed is None:
+        seed = _seed(noise is not None, (prior_noise is not None) or not post, generator, stoch)
     # Absent weights travel as empty tensors (a Tensor[] argument takes no None).
     weights = [stoch.new_empty(0) if t is None else t for t in w]
     return _step_op(stoch, action, deter, embed, noise, prior_noise, seed, weights, _CELL_IDS[cfg.cell],
@@ -259,9 +260,10 @@ def _run_step(cfg: reference.StepConfig, w: reference.StepWeights, stoch, action
                     float(cfg.eps))
 
 
-def fused_prior_step(cfg, w, stoch, action, deter, noise, generator):
-    """The prior step as one fused launch -> (deter', z, mean, std); deter' is ``deter`` itself for cell "none"."""
-    out = _run_step(cfg, w, stoch, action, deter, None, noise, None, generator, post=False)
+def fused_prior_step(cfg, w, stoch, action, deter, noise, generator, seed=None):
+    """The prior step as one fused launch -> (deter', z, mean, std); deter' is ``deter`` itself for cell "none".
+    ``seed``: the int64 seeds [2] to draw with (the sample uses seed[0]) instead of drawing them from ``generator``."""
+    out = _run_step(cfg, w, stoch, action, deter, None, noise, None, generator, post=False, seed=seed)
     hout = out[0] if cfg.cell != "none" else deter
     return hout, out[1], out[2], out[3]
 

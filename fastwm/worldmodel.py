@@ -90,7 +90,8 @@ class WorldModel(nn.Module):
         embed: the encoder's output width (vector observations; images give 32 * depth).
         deter, stoch, hidden, cell: the RSSM's sizes and cell (see :class:`fastwm.RSSM`).
         depth: the convolution width of the image encoder and decoder.
-        free_nats: the free-nats floor of the per-step KL (PlaNet's 3.0).
+        free_nats: the free-nats floor of the per-step KL (``kl_loss`` mode "per_step": Kaixhin's PlaNet and TorchRL
+            use 3.0).
         kl_scale: the weight of the KL term.
 
     The normalisation statistics (``set_normalizer``) are buffers, so they travel with ``state_dict()``.
@@ -140,7 +141,8 @@ class WorldModel(nn.Module):
         else:
             flat = obs.reshape(-1, self.obs_shape[0]).float()
             self.obs_mean.copy_(flat.mean(0))
-            self.obs_std.copy_(flat.std(0).clamp_min(1e-3))
+            # one observation has no spread: std 1, as for the reward (torch's std would be NaN)
+            self.obs_std.copy_(flat.std(0).clamp_min(1e-3) if flat.shape[0] > 1 else torch.ones_like(self.obs_std))
         r = reward.reshape(-1).float()
         self.reward_mean.copy_(r.mean())
         self.reward_std.copy_(r.std().clamp_min(1e-3) if r.numel() > 1 else torch.ones(()))

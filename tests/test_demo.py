@@ -245,3 +245,12 @@ def test_normalizer_statistics() -> None:
     model.set_normalizer(obs, torch.tensor([[1.0, 3.0]]))
     torch.testing.assert_close(model.normalize_obs(obs).mean((0, 1)), torch.zeros(2))
     torch.testing.assert_close(model.denormalize_reward(torch.tensor(0.0)), torch.tensor(2.0))
+
+
+def test_normalizer_of_a_single_observation_is_finite() -> None:
+    # One observation (and one reward) has no spread: std 1, not torch's NaN for one row, so the loss stays finite.
+    model = WorldModel((3,), 1)
+    obs = torch.tensor([[[1.0, -2.0, 4.0]]])
+    model.set_normalizer(obs, torch.tensor([[0.5]]))
+    assert torch.equal(model.obs_std, torch.ones(3)) and torch.equal(model.reward_std, torch.ones(()))
+    assert torch.equal(model.normalize_obs(obs), torch.zeros(1, 1, 3))
