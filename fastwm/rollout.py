@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from ._amp import cast_eligible
+from .gaussian import _draw_seed
 from .step_ops import _ACT_IDS, _CELL_IDS, _STD_IDS
 
 __all__ = ["PackedMLP", "pack_mlp", "imagine_fused", "RolloutOutput"]
@@ -223,8 +224,7 @@ def imagine_fused(
         raise ValueError("give exactly one of actions (open loop) and policy (closed loop)")
     seed = None
     if noise is None:
-        device = stoch.device if generator is None else generator.device
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator).to(stoch.device)
+        seed = _draw_seed(generator, stoch.device)
     weights = [None if t is None else t.detach().contiguous() for t in w]
     stoch, deter = stoch.contiguous(), deter.contiguous()
     actions = None if actions is None else actions.contiguous()

@@ -24,7 +24,7 @@ from . import reference
 from ._amp import autocast_again, autocast_dtype, cast, no_autocast, outer_dtype
 from ._backend import use_triton
 from ._validation import _capturing, check_positive_int, check_values, get_validate_args
-from .gaussian import _check_min_std
+from .gaussian import _check_min_std, _draw_seed
 from .observe import fused_observe
 from .rollout import cast_mlp, imagine_fused, needs_grad, pack_mlp
 from .step import posterior_step, prior_step
@@ -327,8 +327,7 @@ class RSSM(nn.Module):
         whether a gradient is needed or not. None on the reference backend, which draws each step with torch.randn."""
         if not use_triton(like):
             return None
-        device = like.device if generator is None else generator.device
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator).to(like.device)
+        seed = _draw_seed(generator, like.device)
         return (seed + torch.arange(horizon, dtype=torch.int64, device=like.device))[:, None].expand(-1, 2).contiguous()
 
     def obs_step(self, state: State, action: Tensor, embed: Tensor, noise: Tensor | None = None, *,
