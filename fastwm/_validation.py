@@ -87,11 +87,17 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def checking_values() -> bool:
+    """Whether value checks run now: enabled by :func:`set_validate_args`, and neither inside torch.compile nor
+    inside a CUDA graph capture (where the host sync they need is not allowed)."""
+    return _validate_values and not torch.compiler.is_compiling() and not _capturing()
+
+
 def check_values(finite: dict[str, torch.Tensor | None],
                  positive: dict[str, torch.Tensor | None] | None = None) -> None:
     """Value checks, only when enabled by :func:`set_validate_args`, outside torch.compile and outside a CUDA graph
     capture. Absent (None) optional arguments are skipped."""
-    if not _validate_values or torch.compiler.is_compiling() or _capturing():
+    if not checking_values():
         return
     checks = [(name, torch.isfinite(t).all(), "must be finite, found NaN or infinite values")
               for name, t in finite.items() if t is not None]

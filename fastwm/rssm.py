@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import reference
 from ._amp import autocast_again, autocast_dtype, cast, no_autocast, outer_dtype
 from ._backend import use_triton
-from ._validation import _capturing, check_positive_int, check_values, get_validate_args
+from ._validation import check_positive_int, check_values, checking_values, get_validate_args
 from .gaussian import _check_min_std, _draw_seed
 from .observe import fused_observe
 from .rollout import cast_mlp, imagine_fused, needs_grad, pack_mlp
@@ -67,8 +67,7 @@ def check_is_first(is_first: object, b: int, t_len: int, device: torch.device) -
         return is_first
     if is_first.is_complex():
         raise TypeError(f"is_first must be bool (or 0 / 1 as numbers), got {is_first.dtype}")
-    if get_validate_args() and not torch.compiler.is_compiling() and not _capturing() and not bool(
-            ((is_first == 0) | (is_first == 1)).all()):  # a value check: skipped where check_values skips
+    if checking_values() and not bool(((is_first == 0) | (is_first == 1)).all()):
         raise ValueError("is_first must hold only 0 and 1 (or be bool), found other values")
     return is_first != 0
 
