@@ -305,6 +305,7 @@ def _check_min_std(min_std: float, mode: str) -> float:
 
 def _draw_seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
     """A one-element int64 seed tensor on ``device``, drawn from ``generator`` (or the device's default generator)."""
+    check_generator(generator)
     if generator is None:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=generator.device, generator=generator)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import reference
 from ._amp import without_autocast
+from ._validation import check_generator
 from .step_ops import (
     _ACT_IDS,
     _CELL_IDS,
@@ -221,6 +222,7 @@ def fused_observe(cfg: reference.StepConfig, w: reference.StepWeights, stoch0: T
     """observe on batch-first inputs embed [B, T, E], action [B, T, A], is_first [B, T] (bool) or None, noise and
     prior_noise [B, T, S] or None -> batch-first contiguous (deter, post stoch, mean, std, prior stoch, mean, std,
     kl [B, T]). ``recompute``: keep only each step's input state for the backward (see :func:`saved_bytes`)."""
+    check_generator(generator)
     if noise is not None and prior_noise is not None:  # nothing to draw: the random state stays as it is
         seed = stoch0.new_zeros(2, dtype=torch.int64)
     else:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validation import check_values
+from ._validation import check_generator, check_values
 from .gaussian import gaussian_kl
 from .kl import _check_scalar
 from .rssm import RSSM, State, check_is_first
@@ -166,6 +166,7 @@ def latent_overshooting_kl(rssm: RSSM, post: State, action: Tensor, *, distance:
         the mean over the valid steps t of the floored KL(q_t || p_d(z_t)); pairs with no valid step are left out
         of the mean, and with none at all (T < 2) the result is 0.
     """
+    check_generator(generator)
     free = _check_scalar("free_nats", free_nats)
     if mode not in OVERSHOOTING_MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, OVERSHOOTING_MODES))}, got {mode!r}")

@@ -75,6 +75,14 @@ def _bound(name: str, value: object, action_dim: int) -> Tensor:
     return t.expand(action_dim).clone()
 
 
+def _version(t: Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place write); 0 for an inference tensor, which has none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return 0
+
+
 class _Planner(nn.Module):
     """What CEM and MPPI share: argument checks, the warm-started plan, sampling and scoring."""
 
@@ -149,8 +157,9 @@ class _Planner(nn.Module):
         self._graphs.clear()
 
     def _bounds_key(self) -> tuple:
-        # the buffers' storage: set once in __init__ (moved by .to()), never written in place
-        return tuple(t.data_ptr() for t in (self.action_low, self.action_high, self.init_std))
+        # the buffers' storage (moved by .to()) and their version counters (an in-place edit such as
+        # planner.action_low.fill_(0.5) bumps it): what the copies in _consts and the captured graphs were made from
+        return tuple((t.data_ptr(), _version(t)) for t in (self.action_low, self.action_high, self.init_std))
 
     def _bounds(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(action_low, action_high, init_std, their midpoint) as [A] tensors on ``like``'s device and dtype, copied
@@ -395,7 +404,9 @@ class CEMPlanner(_Planner):
         idx = returns.topk(self.top_k, dim=1).indices  # [B, K]
         b, _, h, a = actions.shape
         elite = actions.gather(1, idx[:, :, None, None].expand(b, self.top_k, h, a))
-        return elite.mean(1), elite.std(1, unbiased=False)
+        mean = elite.mean(1)
+        # the population std (unbiased=False), written out: torch's std warns on an empty batch of beliefs
+        return mean, (elite - mean[:, None]).square().mean(1).sqrt()
 
 
 class MPPIPlanner(_Planner):

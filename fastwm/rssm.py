@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import reference
 from ._amp import autocast_again, autocast_dtype, cast, no_autocast, outer_dtype
 from ._backend import use_triton
-from ._validation import check_positive_int, check_values, checking_values, get_validate_args
+from ._validation import check_generator, check_positive_int, check_values, checking_values, get_validate_args
 from .gaussian import _check_min_std, _draw_seed
 from .observe import fused_observe
 from .rollout import cast_mlp, imagine_fused, needs_grad, pack_mlp
@@ -206,12 +206,25 @@ class RSSM(nn.Module):
             cw, cw2, cb, cb2, cnw, cnb = cell.weight, None, None, None, cell.norm.weight, cell.norm.bias
         else:
             cw = cw2 = cb = cb2 = cnw = cnb = None
-        return reference.StepWeights(
+        w = reference.StepWeights(
             self.inp.weight, self.inp.bias, *_nw(self.inp_norm),
             cw, cw2, cb, cb2, cnw, cnb,
             self.prior1.weight, self.prior1.bias, *_nw(self.prior1_norm), self.prior2.weight, self.prior2.bias,
             self.post1.weight, self.post1.bias, *_nw(self.post1_norm), self.post2.weight, self.post2.bias,
         )
+        like = self._like()
+        if any(t is not None and (t.dtype != like.dtype or t.device != like.device) for t in w):
+            self._mixed_parameters()
+        return w
+
+    def _mixed_parameters(self) -> None:
+        """Raise the error for parameters of more than one dtype or device (say after ``rssm.cell.double()``)."""
+        kinds: dict[tuple[torch.dtype, torch.device], str] = {}
+        for name, p in self.named_parameters():
+            kinds.setdefault((p.dtype, p.device), name)
+        found = "; ".join(f"{name} (and maybe others) is {dt} on {dev}" for (dt, dev), name in kinds.items())
+        raise TypeError(f"the RSSM's parameters must all have one dtype and one device, found {found}: convert the "
+                        "whole module (rssm.to(dtype) / rssm.to(device)), not one of its submodules")
 
     def _like(self) -> Tensor:
         return self.prior2.weight
@@ -259,6 +272,7 @@ class RSSM(nn.Module):
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name}.{field} must have shape [B, {width}], got {got}")
             if t.dtype not in (w.dtype, amp) or t.device != w.device:
+                self.weights()  # parameters of mixed dtypes or devices are the fault: say so first
                 also = f" (or autocast's {amp})" if amp is not None else ""
                 raise TypeError(f"{name}.{field} must be {w.dtype}{also} on {w.device} like the RSSM's parameters, "
                                 f"got {t.dtype} on {t.device}")
@@ -288,6 +302,8 @@ class RSSM(nn.Module):
         want = (*lead, width)
         if tuple(t.shape) != want:
             raise ValueError(f"{name} must have shape {list(want)} (width {width}), got {list(t.shape)}")
+        if t.dtype not in (w.dtype, amp) or t.device != w.device:
+            self.weights()  # parameters of mixed dtypes or devices are the fault: say so first
         if t.dtype not in (w.dtype, amp):
             also = f" (or autocast's {amp})" if amp is not None else ""
             raise TypeError(f"{name} must have the RSSM parameters' dtype {w.dtype}{also}, got {t.dtype}")
@@ -383,6 +399,7 @@ class RSSM(nn.Module):
         keeps only each step's input state for the backward and rebuilds the rest there in one launch over all
         B x T rows: less memory held between forward and backward (:func:`fastwm.observe.saved_bytes`), for one more
         parallel launch in the backward."""
+        check_generator(generator)
         if not isinstance(recompute, bool):
             raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
         if not isinstance(embed, Tensor) or embed.dim() != 3:
@@ -454,6 +471,7 @@ class RSSM(nn.Module):
 
         Differentiable (one fused step per t) when a gradient is needed; otherwise (``torch.no_grad()``, or nothing
         requires grad) the whole horizon runs in one kernel launch on the Triton backend."""
+        check_generator(generator)
         amp = self._amp()
         state = self._check_state(state, amp=amp)
         b = state.stoch.shape[0]
@@ -498,6 +516,7 @@ class RSSM(nn.Module):
 
         Under autocast (see :mod:`fastwm._amp`) the policy runs inside the caller's autocast region, and its actions
         are taken in the autocast dtype; the in-kernel policy reads its weights cast to that dtype."""
+        check_generator(generator)
         amp = self._amp()
         state = self._check_state(state, amp=amp)
         check_positive_int("horizon", horizon)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -180,6 +182,32 @@ def test_action_bounds_are_respected(device):
     low = torch.tensor([-0.5, -0.2, 0.0], dtype=torch.float64, device=device)
     high = torch.tensor([0.25, 1.0, 0.5], dtype=torch.float64, device=device)
     assert ((actions >= low) & (actions <= high)).all()
+
+
+@pytest.mark.parametrize("kind", ["cem", "mppi"])
+def test_bounds_edited_in_place_take_effect(device, kind):
+    # The bounds are public float64 buffers: an in-place edit after a first decision (which copies them to the
+    # float32 belief's dtype and caches the copies) must reach the next decision.
+    m = _linear_model(device).float()
+    planner = _planner(kind, m, _reward(device).float(), horizon=2, candidates=64, iterations=3)
+    with fastwm.backend("reference"):
+        first = planner(m.initial(2))
+        assert first.max() > 0.5  # the optimum sign(W) lies at the bounds +-1
+        planner.action_high.fill_(0.5)
+        planner.reset()
+        actions = planner(m.initial(2))
+    assert actions.max() <= 0.5
+    assert (actions[:, [0, 2]] > 0).all() and (actions[:, 1] < 0).all()  # still toward the optimum sign(W)
+
+
+@pytest.mark.parametrize("kind", ["cem", "mppi"])
+def test_no_beliefs_no_actions(device, kind):
+    m = _linear_model(device)
+    planner = _planner(kind, m, _reward(device), horizon=2, candidates=16, iterations=2)
+    with fastwm.backend("reference"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's std used to warn on the empty batch
+        actions = planner(m.initial(0))
+    assert actions.shape == (0, A) and actions.dtype == torch.float64
 
 
 @pytest.mark.parametrize("kwargs,match", [

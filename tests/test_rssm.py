@@ -595,6 +595,21 @@ def _bad_calls():
          r"^prior_noise must have shape"),
         ("generator", lambda m, s, b: m.img_step(s, z(b, A), generator=5), TypeError,
          r"^generator must be a torch.Generator"),
+        ("observe-generator", lambda m, s, b: m.observe(z(b, 2, E), z(b, 2, A), generator=5), TypeError,
+         r"^generator must be a torch.Generator"),
+        ("imagine-generator", lambda m, s, b: m.imagine(z(b, 2, A), s, generator=5), TypeError,
+         r"^generator must be a torch.Generator"),
+        ("imagine-nograd-generator", lambda m, s, b: no_grad(m.imagine)(z(b, 2, A), s, generator=5), TypeError,
+         r"^generator must be a torch.Generator"),
+        ("rollout-generator", lambda m, s, b: no_grad(m.rollout)(nn.Linear(m.feature_dim, A), s, 2, generator=5), TypeError,
+         r"^generator must be a torch.Generator"),
+        ("overshooting-generator", lambda m, s, b: fastwm.latent_overshooting_kl(
+            m, m.observe(z(b, 3, E), z(b, 3, A))[0], z(b, 3, A), distance=2, generator=5), TypeError,
+         r"^generator must be a torch.Generator"),
+        ("mixed-dtype-cell", lambda m, s, b: (m.cell.double(), m.observe(z(b, 2, E), z(b, 2, A))), TypeError,
+         r"^the RSSM's parameters must all have one dtype and one device, found .*cell.weight_ih .*float64"),
+        ("mixed-dtype-head", lambda m, s, b: (m.prior2.double(), m.img_step(s, z(b, A))), TypeError,
+         r"^the RSSM's parameters must all have one dtype and one device, found .*prior2.weight .*float64"),
         ("state-type", lambda m, s, b: m.img_step(s.stoch, z(b, A)), TypeError, r"^state must be a fastwm.State"),
         ("state-deter-width", lambda m, s, b: m.img_step(s._replace(deter=z(b, D + 1)), z(b, A)), ValueError,
          r"^state.deter must have shape \[B, 11\]"),
@@ -653,6 +668,11 @@ def _bad_calls():
         ("action_dim", lambda m, s, b: fastwm.RSSM(0, E), ValueError, r"^action_dim must be a positive int"),
         ("embed_dim", lambda m, s, b: fastwm.RSSM(A, 2.5), ValueError, r"^embed_dim must be a positive int"),
     ]
+
+
+def no_grad(f: Callable) -> Callable:
+    """``f`` called under torch.no_grad(): the one-launch imagination paths."""
+    return torch.no_grad()(f)
 
 
 BAD_CALLS = _bad_calls()
