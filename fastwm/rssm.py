@@ -99,6 +99,9 @@ def _nw(layer: nn.LayerNorm | None) -> tuple[Tensor | None, Tensor | None]:
     return (None, None) if layer is None else (layer.weight, layer.bias)
 
 
+INITIAL_MODES = ("zeros", "learned")
+
+
 class RSSM(nn.Module):
     """The RSSM world model: prior p(z_t | h_t), posterior q(z_t | h_t, e_t) and a recurrent deterministic path.
 
@@ -116,6 +119,10 @@ class RSSM(nn.Module):
         norm: put a LayerNorm between each MLP layer's Linear and its activation, as Dreamer V2/V3 do (the Linear
             then has no bias).
         eps: the LayerNorm eps of those layers and of the LayerNorm GRU (1e-3, dreamerv3-torch's).
+        initial: the state :meth:`initial` gives, which ``is_first`` resets to: "zeros" (PlaNet, Dreamer V1,
+            TorchRL) or "learned" (dreamerv3-torch's default): deter = tanh(``initial_deter``), a parameter [D]
+            that starts at zero, and stoch = the prior mean read from that deter; gradients reach it through every
+            step that starts from it.
 
     Shapes are batch-first. ``action[:, t]`` is the action that led to ``embed[:, t]``.
 
@@ -141,6 +148,7 @@ class RSSM(nn.Module):
         min_std: float = 0.1,
         norm: bool = False,
         eps: float = 1e-3,
+        initial: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -159,6 +167,10 @@ class RSSM(nn.Module):
         _check_min_std(min_std, std_mode)
         if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < float("inf")):
             raise ValueError(f"eps must be a finite float > 0 (the LayerNorm eps), got {eps!r}")
+        if initial not in INITIAL_MODES:
+            raise ValueError(f"initial must be one of {INITIAL_MODES}, got {initial!r}")
+        if initial == "learned" and cell == "none":
+            raise ValueError('initial="learned" needs a deterministic state: cell "gru" or "layernorm_gru", not "none"')
         kw = {"device": device, "dtype": dtype}
         self.action_dim, self.embed_dim, self.stoch, self.hidden = action_dim, embed_dim, stoch, hidden
         self.deter = deter if cell != "none" else 0
@@ -180,6 +192,9 @@ class RSSM(nn.Module):
         self.post1 = nn.Linear(head_in + embed_dim, hidden, bias=not norm, **kw)
         self.post1_norm = _norm(norm, hidden, eps, **kw)
         self.post2 = nn.Linear(hidden, 2 * stoch, **kw)
+        self.initial_mode = initial
+        self.initial_deter: nn.Parameter | None = (
+            nn.Parameter(torch.zeros(self.deter, **kw)) if initial == "learned" else None)
 
     # ------------------------------------------------------------------------------------------------------------------
 
@@ -192,7 +207,7 @@ class RSSM(nn.Module):
         c = self.config
         return (f"action_dim={self.action_dim}, embed_dim={self.embed_dim}, stoch={self.stoch}, deter={self.deter}, "
                 f"hidden={self.hidden}, cell={c.cell!r}, act={c.act!r}, std_mode={c.std_mode!r}, "
-                f"min_std={c.min_std}, norm={c.norm}")
+                f"min_std={c.min_std}, norm={c.norm}, initial={self.initial_mode!r}")
 
     def weights(self, dtype: torch.dtype | None = None) -> reference.StepWeights:
         """The step's weights as a :class:`fastwm.reference.StepWeights` (the layout the kernels read); with
@@ -245,7 +260,16 @@ class RSSM(nn.Module):
     def _initial(self, batch_size: int, dtype: torch.dtype | None) -> State:
         w = self._like()
         zeros = torch.zeros(batch_size, self.stoch, device=w.device, dtype=dtype or w.dtype)
-        return State(zeros.new_zeros(batch_size, self.deter), zeros, zeros.clone(), torch.ones_like(zeros))
+        if self.initial_deter is None:
+            return State(zeros.new_zeros(batch_size, self.deter), zeros, zeros.clone(), torch.ones_like(zeros))
+        # learned (dreamerv3-torch): deter = tanh(W), stoch = the prior's mean from it; mean 0 and std 1 as for zeros
+        # (no step reads them). One row, computed in the parameters' dtype, then cast and repeated.
+        with no_autocast(w.device):
+            sw = self.weights()
+            deter = torch.tanh(self.initial_deter)[None]
+            mean, _ = reference._head(self.config, sw.p1_w, sw.p1_b, sw.p1_nw, sw.p1_nb, sw.p2_w, sw.p2_b, deter)
+        deter, stoch = (cast(t, dtype).expand(batch_size, -1).contiguous() for t in (deter, mean))
+        return State(deter, stoch, zeros, torch.ones_like(zeros))
 
     def features(self, state: State) -> Tensor:
         """cat([stoch, deter]) along the last dim: [..., S + D]."""
@@ -377,8 +401,8 @@ class RSSM(nn.Module):
                                                            generator=generator, validate=False)
         return State(deter, qz, qm, qs), State(deter, pz, pm, ps), kl
 
-    def _reset(self, state: State, action: Tensor, first: Tensor) -> tuple[State, Tensor]:
-        init = self._initial(state.stoch.shape[0], state.stoch.dtype)
+    def _reset(self, state: State, action: Tensor, first: Tensor, init: State | None = None) -> tuple[State, Tensor]:
+        init = self._initial(state.stoch.shape[0], state.stoch.dtype) if init is None else init
         keep = ~first[:, None]
         state = State(*(torch.where(keep, s, i) for s, i in zip(state, init)))
         return state, torch.where(keep, action, torch.zeros_like(action))
@@ -424,7 +448,8 @@ class RSSM(nn.Module):
                             "noise": noise, "prior_noise": prior_noise})
         with no_autocast(embed.device):
             w = self.weights(amp)
-            if use_triton(embed) and t_len > 0:
+            # the time-loop kernel resets to zeros: a learned initial state with resets runs the per-step kernels
+            if use_triton(embed) and t_len > 0 and (is_first is None or self.initial_deter is None):
                 deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, w, state.stoch, state.deter, embed,
                                                                   action, is_first, noise, prior_noise, generator,
                                                                   recompute)
@@ -448,10 +473,11 @@ class RSSM(nn.Module):
         path, and on the Triton backend the per-step fused kernels (the benchmarks' "fused-steps" baseline)."""
         w = w if w is not None else self.weights(state.stoch.dtype)
         posts, priors, kls = [], [], []
+        init = self._initial(state.stoch.shape[0], state.stoch.dtype) if is_first is not None else None
         for t in range(embed.shape[1]):
             a = action[:, t]
             if is_first is not None:
-                state, a = self._reset(state, a, is_first[:, t])
+                state, a = self._reset(state, a, is_first[:, t], init)
             post, prior, kl = self._obs_step(state, a, embed[:, t], None if noise is None else noise[:, t],
                                              None if prior_noise is None else prior_noise[:, t], generator, w)
             posts.append(post)

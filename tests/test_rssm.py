@@ -14,6 +14,7 @@ Shapes are small and odd (action 3, embed 9, stoch 5, deter 11, hidden 13) so th
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import itertools
 from collections.abc import Callable, Sequence
@@ -663,6 +664,9 @@ def _bad_calls():
         ("cell", lambda m, s, b: _small(cell="lstm"), ValueError, r"^cell must be one of"),
         ("act", lambda m, s, b: _small(act="relu"), ValueError, r"^act must be one of"),
         ("std_mode", lambda m, s, b: _small(std_mode="exp"), ValueError, r"^std_mode must be one of"),
+        ("initial", lambda m, s, b: _small(initial="learnt"), ValueError, r"^initial must be one of"),
+        ("initial-learned-no-cell", lambda m, s, b: _small(cell="none", initial="learned"), ValueError,
+         r'^initial="learned" needs a deterministic state'),
         ("min_std", lambda m, s, b: _small(min_std=-0.1), ValueError, r"^min_std must be a finite float >= 0"),
         ("deter", lambda m, s, b: fastwm.RSSM(A, E, deter=0), ValueError, r"^deter must be a positive int"),
         ("action_dim", lambda m, s, b: fastwm.RSSM(0, E), ValueError, r"^action_dim must be a positive int"),
@@ -918,3 +922,85 @@ def test_forward_is_observe_and_runs_under_ddp(device, impl):
     assert set(grads) == {k for k, _ in model.named_parameters()}
     for k, ref in grads.items():
         assert torch.equal(dict(model.named_parameters())[k].grad, ref), k
+
+
+def _dv3_layer(x: Tensor, lin: nn.Linear, norm: nn.LayerNorm) -> Tensor:
+    return torch.nn.functional.silu(torch.nn.functional.layer_norm(x @ lin.weight.T, norm.normalized_shape,
+                                                                   norm.weight, norm.bias, norm.eps))
+
+
+def _dv3_stats(m: fastwm.RSSM, y: Tensor, lin: nn.Linear) -> tuple[Tensor, Tensor]:
+    mean, raw = (y @ lin.weight.T + lin.bias).chunk(2, -1)
+    return mean, 2 * torch.sigmoid(raw / 2) + m.config.min_std
+
+
+def _dreamerv3_torch_initial(m: fastwm.RSSM, w0: Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """dreamerv3-torch's learned initial state: deter = tanh(W), stoch = the prior's mean read from that deter."""
+    deter0 = torch.tanh(w0).expand(b, -1)
+    return deter0, _dv3_stats(m, _dv3_layer(deter0, m.prior1, m.prior1_norm), m.prior2)[0]
+
+
+def _dreamerv3_torch_observe(m: fastwm.RSSM, w0: Tensor, embed: Tensor, action: Tensor, first: Tensor,
+                             noise: Tensor, prior_noise: Tensor) -> tuple[Tensor, ...]:
+    """An independent loop in the manner of dreamerv3-torch's Gaussian RSSM with ``initial: 'learned'`` (LayerNorm
+    GRU, Linear -> LayerNorm -> SiLU layers, std 2 sigmoid(raw / 2) + min_std): deter0 = tanh(W), stoch0 = the prior
+    mean read from it; where is_first, the previous state becomes that initial state and the action zero."""
+    layer, stats = _dv3_layer, functools.partial(_dv3_stats, m)
+
+    def cell(x, h):
+        parts = torch.nn.functional.layer_norm(torch.cat([x, h], -1) @ m.cell.weight.T, m.cell.norm.normalized_shape,
+                                               m.cell.norm.weight, m.cell.norm.bias, m.cell.norm.eps)
+        reset, cand, update = parts.chunk(3, -1)
+        cand, update = torch.tanh(torch.sigmoid(reset) * cand), torch.sigmoid(update - 1)
+        return update * cand + (1 - update) * h
+
+    deter0, stoch0 = _dreamerv3_torch_initial(m, w0, embed.shape[0])
+    h, z, outs = deter0, stoch0, []
+    for t in range(embed.shape[1]):
+        f = first[:, t, None].to(embed.dtype)
+        h, z, a = h * (1 - f) + deter0 * f, z * (1 - f) + stoch0 * f, action[:, t] * (1 - f)
+        h = cell(layer(torch.cat([z, a], -1), m.inp, m.inp_norm), h)
+        pm, ps = stats(layer(h, m.prior1, m.prior1_norm), m.prior2)
+        qm, qs = stats(layer(torch.cat([h, embed[:, t]], -1), m.post1, m.post1_norm), m.post2)
+        z = qm + qs * noise[:, t]
+        kl = torch.distributions.kl_divergence(torch.distributions.Normal(qm, qs),
+                                               torch.distributions.Normal(pm, ps)).sum(-1)
+        outs.append((h, z, qm, qs, pm + ps * prior_noise[:, t], pm, ps, kl))
+    return tuple(torch.stack(o, 1) for o in zip(*outs))
+
+
+@pytest.mark.parametrize("backend", ["reference", FUSED_BACKEND])
+@pytest.mark.parametrize("resets", [True, False], ids=["resets", "no-resets"])
+def test_learned_initial_state_is_dreamerv3_torchs(backend, resets, device):
+    """RSSM(initial="learned"): observe (from no given state, with is_first at step 0 and in mid-sequence, or with
+    none) against an independent dreamerv3-torch-style loop in float64: every output, and the gradients into the
+    learned initial deter (which reach it through every reset) and into the other parameters."""
+    m = _randomize(fastwm.RSSM(A, E, stoch=S, deter=D, hidden=HD, cell="layernorm_gru", act="silu", norm=True,
+                               std_mode="sigmoid2", initial="learned", dtype=torch.float64), 3).to(device)
+    assert m.initial_deter is not None and m.initial_deter.shape == (D,)
+    g = _gen(4)
+    b, t_len = 5, 4
+    embed, action, noise, prior_noise = (_randn(shape, g, device, torch.float64) for shape in
+                                         ((b, t_len, E), (b, t_len, A), (b, t_len, S), (b, t_len, S)))
+    first = torch.zeros(b, t_len, dtype=torch.bool, device=device)
+    if resets:
+        first[:, 0] = True
+        first[1, 2] = first[3, 1] = first[3, 3] = True
+    want = _dreamerv3_torch_observe(m, m.initial_deter, embed, action, first, noise, prior_noise)
+    with fastwm.backend(backend):
+        post, prior, kl = m.observe(embed, action, first if resets else None, noise=noise, prior_noise=prior_noise,
+                                    return_kl=True)
+    got = (post.deter, post.stoch, post.mean, post.std, prior.stoch, prior.mean, prior.std, kl)
+    for name, x, y in zip(("deter", "stoch", "mean", "std", "prior stoch", "prior mean", "prior std", "kl"), got, want):
+        assert_close(x, y, torch.float64, name)
+    weights = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(device) for x in got]
+    params = [m.initial_deter, m.prior2.bias, m.cell.weight, m.inp.weight]
+    grads = torch.autograd.grad(sum((x * w).sum() for x, w in zip(got, weights)), params)
+    grads_want = torch.autograd.grad(sum((x * w).sum() for x, w in zip(want, weights)), params)
+    assert grads[0].abs().max() > 0
+    for name, x, y in zip(("initial_deter", "prior2.bias", "cell.weight", "inp.weight"), grads, grads_want):
+        assert_close(x, y, torch.float64, f"grad {name}")
+    init = m.initial(2)
+    deter0, stoch0 = _dreamerv3_torch_initial(m, m.initial_deter, 2)
+    assert_close(init.deter, deter0, torch.float64, "initial deter")
+    assert_close(init.stoch, stoch0, torch.float64, "initial stoch")
