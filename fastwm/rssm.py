@@ -228,7 +228,8 @@ class RSSM(nn.Module):
             self.post1.weight, self.post1.bias, *_nw(self.post1_norm), self.post2.weight, self.post2.bias,
         )
         like = self._like()
-        if any(t is not None and (t.dtype != like.dtype or t.device != like.device) for t in w):
+        every = (*w, self.initial_deter)
+        if any(t is not None and (t.dtype != like.dtype or t.device != like.device) for t in every):
             self._mixed_parameters()
         return w
 
