@@ -26,12 +26,22 @@ left: ``observe`` (bench rssm observe: both sizes, fp32 and bf16, fwd and fwd_bw
 fastwm, recompute), ``rollout`` (imagine and imagine_return at N 1,000 and 10,000, H 15, both sizes and dtypes; CEM
 decisions for 1 and 16 beliefs, also with the planner's CUDA graph), ``tune`` (every launch variant against the
 default; without the split variants when ``split`` or one of its warm-ups failed; the split variants are timed after
-all the others), ``compiled`` (imagine at N 10,000 with torch.compile's default mode beside eager, graphed and
-fastwm), ``steps`` (img_step and obs_step): the last two only if time is left, compiling in their own step.
+all the others), ``compiled`` (imagine at N 10,000 with torch.compile's reduce-overhead mode beside eager, graphed
+and fastwm; warmed in phase 1 when the warm shards get that far), ``steps`` (img_step and obs_step): the last two only
+if time is left, compiling in their own step. bf16 runs before fp32 in every suite (performance.md's floor is bf16's).
+
+pytest's plugins are probed first: without xdist the test steps run in one process, without pytest-timeout the split
+is ended by its step's limit (their flags would make pytest exit 4 and lose every test of the step). A suite whose
+device is lost (a sticky CUDA error) exits 3 with its rows so far in ``*.partial.json``; the session records it
+(``device_lost``) and goes on with its next step, in a new process. The commands that end together are SIGKILLed
+together and waited for together (10 s at most); one still there after that is recorded (``not_gone``), and so is
+every step started while it was (``contaminated_by``; ``timings_contaminated_by`` in session.json).
 
 The checkout runs as it is, from the repository root, with nothing installed (``fastwm/__init__.py`` finds kernels/
 and benchmarks/ there); an install is tried only if that import fails. Every command's process group is killed when
-its step ends, at its limit, at the deadline, or when the session stops (SIGTERM included).
+its step ends, at its limit, at the deadline, or when the session stops (SIGTERM included). session.json is rewritten
+after every step; on SIGTERM (or SIGINT) the running steps are killed, and the throughput plot (drawn from the partial
+rows when the rollout step was cut), extra.tar.gz and session.json (``stopped``) are still written.
 
 What comes back (a device call returns at most 8 files, at most two folders down): ``OUT/session.json`` (every step's
 status, seconds and command; device, versions, commit), ``OUT/tests.log``, ``OUT/rssm/bench_rssm.json``,
@@ -44,6 +54,7 @@ output also goes to stdout, whose end the device call returns.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -66,7 +77,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MAX_OUT_FILES = 8  # what one device call brings back
 MAX_OUT_DEPTH = 2  # OUT/a/b/file comes back, OUT/a/b/c/file does not
-PACK_RESERVE_S = 20.0  # kept back from the deadline for writing session.json and extra.tar.gz
+PACK_RESERVE_S = 35.0  # kept back for the kill, the plot from partial rows, session.json and extra.tar.gz
+KILL_WAIT_S = 10.0  # how long the processes killed together are waited for (all of them at once, not each)
+PLOT_TIMEOUT_S = 20.0  # drawing rollout_throughput.png from a cut rollout step's partial rows, when packing
+COMMAND_LIMIT_S = 600.0  # the device call's limit on the one command the session is
+DEVICE_LOST_RC = 3  # harness.DEVICE_LOST_RC: a suite stopped because the CUDA context was poisoned
 # What stays under OUT (at most 7 at once, with extra.tar.gz 8): anything else is moved into extra.tar.gz.
 KEEP = ("session.json", "tests.log", "rssm/bench_rssm.json", "rssm/bench_rssm.partial.json",
         "rollout/bench_rollout.json", "rollout/bench_rollout.partial.json", "rollout/rollout_throughput.png",
@@ -81,8 +96,10 @@ MORE_TEST_FILES = ("test_rssm", "test_gaussian", "test_kl_loss", "test_elbo", "t
 # What phase 2 times. Each list is the `python -m fastwm bench` arguments after "bench", without --out / --device.
 OBSERVE = ["--suite", "rssm", "--ops", "observe", "--providers", "eager,graphed,fused-steps,fastwm,recompute"]
 ROLLOUT = ["--suite", "rollout", "--N", "1000,10000", "--H", "15", "--providers", "eager,graphed,fastwm,fastwm-graphed"]
+# performance.md's compiled baseline: reduce-overhead (torch.compile with CUDA graphs), the strongest one for these
+# launch-bound loops (max-autotune-no-cudagraphs autotunes for minutes: no time for it in this session)
 COMPILED = ["--suite", "rollout", "--ops", "imagine", "--N", "10000", "--H", "15",
-            "--providers", "eager,compiled,graphed,fastwm", "--compile-mode", "default"]
+            "--providers", "eager,compiled,graphed,fastwm", "--compile-mode", "reduce-overhead"]
 STEPS = ["--suite", "rssm", "--ops", "img_step,obs_step", "--providers", "eager,graphed,fastwm"]
 
 # The CPU smoke plan (--smoke): the same machinery on tiny cases that take seconds.
@@ -132,12 +149,31 @@ def _tune(args: Sequence[str], out: Path | None, device: str, warm: tuple[int, i
     return cmd
 
 
-def _pytest(files: Sequence[str], device: str, workers: int, extra: Sequence[str] = ()) -> list[str]:
-    """pytest over ``files``, one line per test (a run stopped at its limit still says which tests passed)."""
+def have_module(name: str) -> bool:
+    """Whether ``name`` imports in this interpreter (the one the steps run): pytest's plugins are probed so that a flag
+    of a missing one (pytest exits 4 on it, and every test of the step is lost) is left out."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def pytest_plugins() -> dict[str, bool]:
+    """The pytest plugins the plan uses: xdist (-n) and pytest-timeout (--timeout), found or not."""
+    return {"xdist": have_module("xdist"), "pytest_timeout": have_module("pytest_timeout")}
+
+
+def _pytest(files: Sequence[str], device: str, workers: int, extra: Sequence[str] = (),
+            timeout: tuple[int, str] | None = None) -> list[str]:
+    """pytest over ``files``, one line per test (a run stopped at its limit still says which tests passed); on
+    ``workers`` xdist processes when xdist is there, with pytest-timeout's ``timeout`` (seconds, method) when it is."""
     cmd = [PY, "-m", "pytest", *(f"tests/{f}.py" for f in files), "--device", device, "-v", "-rfE",
            "-p", "no:cacheprovider", "--durations=10", *extra]
-    if workers > 1:
+    plugins = pytest_plugins()
+    if workers > 1 and plugins["xdist"]:
         cmd += ["-n", str(workers)]
+    if timeout is not None and plugins["pytest_timeout"]:
+        cmd += ["--timeout", str(timeout[0]), "--timeout-method", timeout[1]]
     return cmd
 
 
@@ -159,20 +195,20 @@ def build_plan(out: Path, work: Path, *, device: str = "cuda", workers: int = 8,
                                   ["-k", "not feature_split"])], 300, out / "tests.log"),
         Step("tests-more", 1, [_pytest(MORE_TEST_FILES, device, max(1, test_workers // 3))], 300,
              logs / "tests-more.log"),
-        # pytest-timeout (on the GPU machine) ends a hung test in 90 s with the threads' stacks in the log
-        Step("split", 1, [_pytest(("test_observe",), device, 1, ["-k", "feature_split", "--timeout", "90",
-                                                                 "--timeout-method", "thread"])], 150,
-             logs / "split.log"),
+        # pytest-timeout (where it is installed) ends a hung test in 90 s with the threads' stacks in the log; else
+        # the step's limit kills it
+        Step("split", 1, [_pytest(("test_observe",), device, 1, ["-k", "feature_split"], timeout=(90, "thread"))],
+             150, logs / "split.log"),
     ]
     split_shards = 3
     steps += [Step(f"split-warm-{j}", 1, [_tune(["--kinds", "observe", "--variants", "split"], None, device,
                                                 (j, split_shards))], 300, logs / f"split-warm-{j}.log", after="split",
                    cut_ok=True)
               for j in range(split_shards)]
-    # What phase 2 is sure to reach is warmed: observe, the rollout and tune (compiled and steps, last, compile
-    # in their own step if time is left). Command j of shard i deals from (i + j) mod W, so that the shards that
+    # What phase 2 is sure to reach is warmed: observe, the rollout and tune, then, if the phase has time left, the
+    # compiled step's cases (Inductor's cache; steps, last, compiles in its own step if time is left). Command j of shard i deals from (i + j) mod W, so that the shards that
     # get a command's leftover cases differ from command to command.
-    warmed = [(_bench, OBSERVE), (_bench, ROLLOUT), (_tune, ["--no-split"])]
+    warmed = [(_bench, OBSERVE), (_bench, ROLLOUT), (_tune, ["--no-split"]), (_bench, COMPILED)]
     for i in range(workers):
         steps.append(Step(f"warm-{i}", 1, [make(args, None, device, ((i + j) % workers, workers))
                                            for j, (make, args) in enumerate(warmed)],
@@ -273,6 +309,7 @@ class _Running:
     index: int = -1
     proc: subprocess.Popen | None = None
     rc: int | None = None  # the first non-zero status of its commands, or 0
+    device_lost: bool = False  # a command exited DEVICE_LOST_RC
     file: Any = None
 
     def start_next(self) -> bool:
@@ -298,6 +335,7 @@ class _Running:
             return False
         if rc != 0 and not self.rc:
             self.rc = rc
+        self.device_lost = self.device_lost or rc == DEVICE_LOST_RC
         self.file.write(f"# exit {rc}\n")
         self.file.flush()
         if self.start_next():
@@ -305,61 +343,116 @@ class _Running:
         self.rc = self.rc or 0
         return True
 
-    def kill(self, why: str | None = None) -> bool:
+    def send_kill(self) -> None:
         """SIGKILL the command's whole process group (its children too: pytest's workers, background jobs), also
-        when the command itself has ended; False if it has not gone within 10 s (stuck in the driver, say)."""
+        when the command itself has ended."""
         if self.proc is None:
-            return True
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def gone(self) -> bool:
+        """Whether the command and every process of its group have ended (the command reaped)."""
+        if self.proc is None:
+            return True
+        if self.proc.poll() is None:
+            return False
         try:
-            self.proc.wait(timeout=10)
-            gone = True
-        except subprocess.TimeoutExpired:
-            gone = False
-        if why is not None and self.file is not None:
-            self.file.write(f"# killed: {why}{'' if gone else ' (and still not gone after 10 s)'}\n")
-        return gone
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.file = None
+
+
+def _kill_together(runs: Sequence[_Running]) -> dict[int, bool]:
+    """SIGKILL every process group of ``runs`` first, then wait for all of them together, :data:`KILL_WAIT_S` at
+    most in all: id(run) -> whether it went (False: a process stuck in the driver, say)."""
+    for r in runs:
+        r.send_kill()
+    until = time.monotonic() + KILL_WAIT_S
+    left = list(runs)
+    while True:
+        left = [r for r in left if not r.gone()]
+        if not left or time.monotonic() >= until:
+            break
+        time.sleep(0.05)
+    return {id(r): r not in left for r in runs}
 
 
 def _run_steps(steps: Sequence[Step], results: dict[str, dict[str, Any]], env: dict[str, str], deadline: float,
-               parallel: bool, log: _Log) -> None:
+               parallel: bool, log: _Log, on_change: Callable[[], None] | None = None,
+               survivors: list[tuple[str, _Running]] | None = None) -> None:
     """Run ``steps`` (side by side, or one at a time in order) until each ends, reaches its limit or the deadline;
-    record each in ``results``."""
+    record each in ``results`` (and call ``on_change`` after each step is recorded: session.json is rewritten).
+    The steps that end together are killed together. ``survivors``: the (name, run) of commands that outlived their
+    kill, shared between calls: a step started while one of them is still there is marked ``contaminated_by`` it
+    (its timings shared the device with it)."""
     waiting = list(steps)
     running: list[_Running] = []
     known = {s.name for s in steps}
+    survivors = [] if survivors is None else survivors
 
-    def finish(r: _Running, timed_out: bool, why: str = "") -> None:
-        r.kill(why if timed_out else None)  # what the command left behind goes with it
-        r.close()
-        seconds = time.monotonic() - r.started
-        results[r.step.name] = {"phase": r.step.phase, "rc": None if timed_out else r.rc, "timed_out": timed_out,
-                                "killed": why if timed_out else None, "cut_ok": r.step.cut_ok,
-                                "seconds": round(seconds, 1), "log": str(r.step.log),
-                                "commands": [shlex.join(c) for c in r.commands]}
-        log(f"{r.step.name}: {_state(results[r.step.name])} after {seconds:.0f} s")
+    def finish(ended: Sequence[tuple[_Running, bool, str]]) -> None:
+        """Record the (run, timed_out, why) that end now, after killing what each left behind, all at once."""
+        went = _kill_together([r for r, _, _ in ended])
+        for r, timed_out, why in ended:
+            gone = went[id(r)]
+            if r.file is not None and (timed_out or not gone):
+                r.file.write(f"# killed: {why or 'what it left behind'}"
+                             f"{'' if gone else f' (and still not gone after {KILL_WAIT_S:.0f} s)'}\n")
+            r.close()
+            seconds = time.monotonic() - r.started
+            result = {"phase": r.step.phase, "rc": None if timed_out else r.rc, "timed_out": timed_out,
+                      "killed": why if timed_out else None, "cut_ok": r.step.cut_ok, "seconds": round(seconds, 1),
+                      "log": str(r.step.log), "commands": [shlex.join(c) for c in r.commands]}
+            if r.device_lost:
+                result["device_lost"] = True
+            if not gone:
+                result["not_gone"] = True
+                result["pgid"] = r.proc.pid if r.proc is not None else None
+                survivors.append((r.step.name, r))
+            if r.step.name in contaminated:
+                result["contaminated_by"] = contaminated[r.step.name]
+            results[r.step.name] = result
+            log(f"{r.step.name}: {_state(result)} after {seconds:.0f} s"
+                + ("" if gone else f"; WARNING: still not gone {KILL_WAIT_S:.0f} s after SIGKILL"))
+        if ended and on_change is not None:
+            on_change()
 
     def skip(step: Step, why: str) -> None:
         results[step.name] = {"phase": step.phase, "rc": None, "timed_out": False, "seconds": 0.0, "skipped": why}
         log(f"{step.name}: skipped ({why})")
+        if on_change is not None:
+            on_change()
+
+    contaminated: dict[str, list[str]] = {}
+
+    def started(r: _Running) -> None:
+        alive = [name for name, s in survivors if not s.gone()]
+        if alive:
+            contaminated[r.step.name] = alive
+            log(f"{r.step.name}: WARNING: started while {', '.join(alive)} (killed) is still there: its timings "
+                "are contaminated")
 
     try:
-        _schedule(waiting, running, known, results, env, deadline, parallel, finish, skip, log)
+        _schedule(waiting, running, known, results, env, deadline, parallel, finish, skip, started, log)
     finally:  # an exception or a SIGTERM in here: leave nothing running
-        for r in running:
-            finish(r, True, "the session stopped")
+        stopping, running[:] = list(running), []
+        finish([(r, True, "the session stopped") for r in stopping])
 
 
 def _schedule(waiting: list[Step], running: list[_Running], known: set[str], results: dict[str, dict[str, Any]],
               env: dict[str, str], deadline: float, parallel: bool, finish: Callable[..., None],
-              skip: Callable[[Step, str], None], log: _Log) -> None:
+              skip: Callable[[Step, str], None], started: Callable[[_Running], None], log: _Log) -> None:
     while waiting or running:
         now = time.monotonic()
         for step in list(waiting):
@@ -380,18 +473,22 @@ def _schedule(waiting: list[Step], running: list[_Running], known: set[str], res
                 skip(step, f"{left:.0f} s left, it needs {step.min_s:.0f}")
                 continue
             r = _Running(step, step.resolve(results), {**env, **step.env}, now)
+            started(r)
             r.start_next()
             running.append(r)
             log(f"{step.name}: started (limit {min(step.timeout_s, left):.0f} s)")
         time.sleep(0.2)
         now = time.monotonic()
+        ended: list[tuple[_Running, bool, str]] = []
         for r in list(running):
             if r.poll():
-                running.remove(r)
-                finish(r, False)
+                ended.append((r, False, ""))
             elif now - r.started > r.step.timeout_s or now > deadline:
-                running.remove(r)
-                finish(r, True, "at its time limit" if now - r.started > r.step.timeout_s else "at the deadline")
+                ended.append((r, True, "at its time limit" if now - r.started > r.step.timeout_s else "at the deadline"))
+        if ended:  # recorded before they leave ``running``: a SIGTERM in between still has them killed
+            finish(ended)
+        for r, _, _ in ended:
+            running.remove(r)
 
 
 def _versions(device: str) -> dict[str, Any]:
@@ -521,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"phase {step.phase} {step.name} (limit {step.timeout_s:.0f} s{dep}):")
             for cmd in cmds:
                 print(f"    {shlex.join(cmd)}")
+        plugins = pytest_plugins()
+        print("pytest plugins: " + ", ".join(f"{n} {'found' if f else 'MISSING (its flags left out)'}"
+                                             for n, f in plugins.items()))
         problems = check_plan(steps)
         for p in problems:
             print(f"PROBLEM {p}")
@@ -532,13 +632,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / sub, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     log = _Log(work / "logs" / "session.log")  # packed into extra.tar.gz; stdout carries it too
+    start = time.monotonic()
+    summary: dict[str, Any] = {"commit": os.environ.get("FASTWM_COMMIT"), "budget_s": args.budget_s,
+                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "pytest_plugins": pytest_plugins(), "steps": {}}
+
+    def save() -> None:  # after each step, so that a session cut off still says what it did
+        summary["elapsed_s"] = round(time.monotonic() - start, 1)
+        (out / "session.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     def stop(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)  # _run_steps' finally kills what runs
+        for sig in handled:  # one stop is enough: what follows (the kill, the packing) must not be cut
+            signal.signal(sig, signal.SIG_IGN)
+        summary["stopped"] = f"signal {signal.Signals(signum).name} after {time.monotonic() - start:.0f} s"
+        raise SystemExit(128 + signum)  # _run_steps' finally kills what runs, main's packs and writes
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, stop) for sig in handled}
+    status = 2
     try:
-        start = time.monotonic()
         deadline = start + args.budget_s - PACK_RESERVE_S
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(work / "triton-cache"),
                "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")}
@@ -546,8 +658,9 @@ def main(argv: list[str] | None = None) -> int:
             env["TRITON_INTERPRET"] = "1"
         else:
             env.pop("TRITON_INTERPRET", None)
-        summary: dict[str, Any] = {"commit": os.environ.get("FASTWM_COMMIT"), "budget_s": args.budget_s,
-                                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "steps": {}}
+        missing = [name for name, found in summary["pytest_plugins"].items() if not found]
+        if missing:
+            log(f"pytest plugins not installed: {', '.join(missing)} (their flags are left out of the plan)")
         status = 0
         if not _ensure_installed(log):
             status = 2
@@ -568,30 +681,83 @@ def main(argv: list[str] | None = None) -> int:
             log(f"device {summary.get('device')}, torch {summary['torch']}, triton {summary['triton']}, "
                 f"commit {summary['commit']}")
             results: dict[str, dict[str, Any]] = summary["steps"]
+            survivors: list[tuple[str, _Running]] = []
             phase1_deadline = min(deadline, start + args.phase1_s)
-            _run_steps([s for s in steps if s.phase == 1], results, env, phase1_deadline, True, log)
-            (out / "session.json").write_text(json.dumps(summary, indent=1) + "\n")  # in case the rest is cut off
+            _run_steps([s for s in steps if s.phase == 1], results, env, phase1_deadline, True, log, save,
+                       survivors)
+            save()
             for name in ("tests", "tests-more"):
                 if "log" in results.get(name, {}):
                     log(f"--- {name} (the end of its log)\n" + _tail(Path(results[name]["log"]), 8))
-            _run_steps([s for s in steps if s.phase == 2], results, env, deadline, False, log)
+            _run_steps([s for s in steps if s.phase == 2], results, env, deadline, False, log, save, survivors)
             for name, r in results.items():
                 if r["phase"] == 2 and "log" in r:
                     log(f"--- {name} (the end of its log)\n" + _tail(Path(r["log"]), 14))
             bad = [n for n, r in results.items()
                    if r.get("rc") not in (0, None) or (r.get("timed_out") and not r.get("cut_ok"))]
             status = 1 if bad else 0
-            summary["elapsed_s"] = round(time.monotonic() - start, 1)
-        _pack(out, work, log)
-        files, problems = out_files(out)
-        summary["out_problems"] = problems
-        (out / "session.json").write_text(json.dumps(summary, indent=1) + "\n")
-        for p in problems:
-            log(f"WARNING {p}")
-        log("steps: " + ", ".join(f"{n} {_state(r)}" for n, r in summary["steps"].items()))
+    except SystemExit as exc:  # SIGTERM / SIGINT: what ran is recorded, packed and written below
+        status = exc.code if isinstance(exc.code, int) else 1
+        log(f"stopped ({summary.get('stopped', 'exit')}): packing what there is")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        def late(signum: int, frame: object) -> None:  # while packing: noted, not obeyed
+            summary.setdefault("stopped", f"signal {signal.Signals(signum).name} while packing")
+
+        for sig in handled:
+            signal.signal(sig, late)
+        try:
+            _finish_session(out, work, summary, log, save)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return status
+
+
+def _finish_session(out: Path, work: Path, summary: dict[str, Any], log: _Log, save: Callable[[], None]) -> None:
+    """The end of every session, a stopped one included: the contaminated timings named, the throughput plot drawn
+    from a cut rollout step's partial rows, everything packed, session.json written last."""
+    steps = summary["steps"]
+    contaminated = sorted({n for r in steps.values() for n in r.get("contaminated_by", ())})
+    if contaminated:
+        summary["timings_contaminated_by"] = contaminated
+        log(f"WARNING: timings contaminated: {', '.join(contaminated)} outlived their kill")
+    lost = [n for n, r in steps.items() if r.get("device_lost")]
+    if lost:
+        log(f"WARNING: the device was lost (a sticky CUDA error) in: {', '.join(lost)}")
+    try:
+        note = _plot_partial(out, log)
+        if note:
+            summary["plot"] = note
+        _pack(out, work, log)
+    except Exception as exc:  # noqa: BLE001 - session.json must still be written
+        summary["pack_error"] = f"{type(exc).__name__}: {exc}"
+        log(f"packing failed: {summary['pack_error']}")
+    files, problems = out_files(out)
+    summary["out_problems"] = problems
+    save()
+    for p in problems:
+        log(f"WARNING {p}")
+    log("steps: " + ", ".join(f"{n} {_state(r)}" for n, r in steps.items()))
+
+
+def _plot_partial(out: Path, log: _Log) -> str | None:
+    """rollout_throughput.png from the rollout step's partial rows, when the step was cut before it drew the plot
+    (in a new interpreter, at most :data:`PLOT_TIMEOUT_S`): None when there was nothing to do, else what happened."""
+    rollout = out / "rollout"
+    partial, png = rollout / "bench_rollout.partial.json", rollout / "rollout_throughput.png"
+    if not partial.exists() or png.exists() or (rollout / "bench_rollout.json").exists():
+        return None
+    code = ("import json, sys; from benchmarks.bench_rollout import plot_throughput; "
+            "note = plot_throughput(json.loads(open(sys.argv[1]).read()), sys.argv[2]); print(note or 'drawn')")
+    try:
+        done = subprocess.run([PY, "-c", code, str(partial), str(png)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=PLOT_TIMEOUT_S)
+        note = (done.stdout.strip() or done.stderr.strip()[-500:] or f"exit {done.returncode}").splitlines()[-1]
+    except subprocess.TimeoutExpired:
+        note = f"took over {PLOT_TIMEOUT_S:.0f} s"
+    note = f"rollout_throughput.png from the partial rows: {note}"
+    log(note)
+    return note
 
 
 def _state(result: dict[str, Any]) -> str:
@@ -599,6 +765,8 @@ def _state(result: dict[str, Any]) -> str:
         return "skipped"
     if result.get("timed_out"):
         return "stopped at the phase's end" if result.get("cut_ok") else f"TIMED OUT ({result.get('killed')})"
+    if result.get("device_lost"):
+        return f"FAILED (exit {result.get('rc')}: the device was lost, the rest of its suite not run)"
     return "ok" if result.get("rc") == 0 else f"FAILED (exit {result.get('rc')})"
 
 

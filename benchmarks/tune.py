@@ -170,7 +170,7 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool =
         prefixes = (DEFAULT, *prefixes)
     import fastwm
 
-    from .harness import _sync, time_fn
+    from .harness import _sync, device_lost, time_fn, timing_method
 
     rows: list[dict[str, Any]] = []
     cases = [c for c in _cases(device, quick, dtypes) if c[0] in kinds]
@@ -204,7 +204,13 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool =
                     except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the others go on
                         print(f"{name:48s} {v.name:22s} FAILED {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:120]}", flush=True)
-                        keep({**fields, "case": name, "variant": v.name, "error": f"{type(exc).__name__}: {exc}"})
+                        error = {**fields, "case": name, "variant": v.name, "error": f"{type(exc).__name__}: {exc}"}
+                        lost = device_lost(device)  # an illegal memory access is sticky: nothing more can run
+                        if lost is not None:
+                            print(f"the device is lost after {name} {v.name} ({lost}): tune stops here", flush=True)
+                            keep({**error, "device_lost": lost})
+                            return rows
+                        keep(error)
                         continue
                 if kind == "observe":  # the programs per row block the forward loop really ran with
                     from fastwm.kernels import observe
@@ -218,7 +224,7 @@ def run(device: torch.device, quick: bool, kinds: tuple[str, ...], split: bool =
                 keep({**fields, "case": name, "variant": v.name, "num_warps_step": v.num_warps_step,
                       "rollout_tiles": v.rollout_tiles, "observe_tiles": v.observe_tiles,
                       "feature_split": v.feature_split, "maxnreg": v.maxnreg, "median_ms": median,
-                      "p20_ms": p20, "p80_ms": p80, "speedup_vs_default": ratio})
+                      "p20_ms": p20, "p80_ms": p80, "timing": timing_method(device), "speedup_vs_default": ratio})
                 print(f"{name:48s} {v.name:22s} {median:10.4f} ms  x{ratio:.3f} vs default" if ratio else
                       f"{name:48s} {v.name:22s} {median:10.4f} ms", flush=True)
                 if device.type == "cuda":
@@ -273,11 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         kinds, prefixes, warm = check_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    from .harness import _device_name, _git_commit, _triton_version
+    from .harness import DEVICE_LOST_RC, _device_name, _git_commit, _triton_version
 
     if warm is not None:
         rows = run(device, quick, kinds, split=not args.no_split, warm=warm, prefixes=prefixes)
         print(f"tune: warmed {warm.warmed} (case, variant) pairs (shard {warm.index}/{warm.count} of {warm.seen})")
+        if any("device_lost" in r for r in rows):
+            return DEVICE_LOST_RC
         return 1 if rows else 0  # in warm mode the rows are the failures
 
     meta = {"device": _device_name(device), "torch": torch.__version__, "triton": _triton_version(),
@@ -291,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "tune.json").write_text(json.dumps([{**r, **meta} for r in rows], indent=1) + "\n")
     partial.unlink(missing_ok=True)
     print(f"wrote {len(rows)} rows to {out / 'tune.json'}")
+    if any("device_lost" in r for r in rows):
+        return DEVICE_LOST_RC  # the rows stop where the device was lost
     return 1 if any("error" in r for r in rows) else 0
 
 

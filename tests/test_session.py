@@ -237,3 +237,259 @@ def test_smoke_session_on_the_cpu(tmp_path: Path) -> None:
     with tarfile.open(out / "extra.tar.gz") as tar:
         assert {"logs/warm-0.log", "logs/session.log"} <= set(tar.getnames())
     assert "passed" in (out / "tests.log").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The review's fixes: host time in launch-bound rows, SIGTERM, sticky device errors, plugins, kills, dtype order, the
+# compiled baseline, partial rows
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_launch_bound_cases_count_host_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on "cuda" (faked): the device timer sees 0.01 ms, as do_bench does when the host work overlaps its L2 flush
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(harness, "time_fn", lambda fn, device, quick, min_reps=0: (0.01, 0.009, 0.011))
+    cuda = torch.device("cuda")
+
+    def host_bound() -> None:
+        time.sleep(0.002)  # 2 ms of Python and launches per call
+
+    wall = harness.measure(host_bound, cuda, True, launch_bound=True)
+    assert wall["timing"] == "wall-loop" and wall["median_ms"] >= 1.5 and wall["device_ms"] == 0.01
+    assert wall["wall_ms"] == wall["median_ms"]
+    dev = harness.measure(host_bound, cuda, True, launch_bound=False)
+    assert dev["timing"] in ("do_bench", "cuda-events") and dev["median_ms"] == 0.01 and dev["wall_ms"] >= 1.5
+
+
+def test_rows_name_their_timing_and_launch_bound_cases_are_wall_timed(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastwm.__main__ import main
+
+    seen: list[tuple[str, bool]] = []
+    real = harness.measure
+
+    def spy(fn, device, quick, launch_bound, min_reps=harness.RSSM_MIN_REPS):
+        seen.append(launch_bound)
+        return real(fn, device, quick, launch_bound, min_reps)
+
+    monkeypatch.setattr(harness, "measure", spy)
+    assert main(["bench", "--suite", "rssm", "--ops", "img_step,observe", "--modes", "fwd", "--providers", "eager",
+                 "--rssm-sizes", "planet", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert seen == [True, False]  # img_step is launch-bound, observe is not
+    rows = json.loads((tmp_path / "bench_rssm.json").read_text())
+    assert all(r["timing"] == "perf_counter" and r["wall_ms"] == r["median_ms"] for r in rows)
+    seen.clear()
+    assert main(["bench", "--suite", "rollout", "--ops", "imagine,cem", "--N", "64,2000", "--H", "3",
+                 "--cem-beliefs", "1", "--providers", "eager", "--rssm-sizes", "planet", "--quick", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    assert seen == [True, False, True]  # N 64, N 2000, the CEM decision
+    rows = json.loads((tmp_path / "bench_rollout.json").read_text())
+    assert all("timing" in r and "device_ms" in r for r in rows)
+
+
+def test_bf16_runs_first_on_cuda() -> None:
+    from fastwm.__main__ import build_parser
+
+    _, rssm, rollout, _ = harness._plans(build_parser().parse_args(["bench"]), torch.device("cuda"), True)
+    assert rssm.dtype_names[0] == "bfloat16" and rollout.dtype_names[0] == "bfloat16"
+    _, rssm, _, _ = harness._plans(build_parser().parse_args(["bench", "--dtype", "fp32,bf16"]),
+                                   torch.device("cuda"), True)
+    assert rssm.dtype_names == ["float32", "bfloat16"]  # an explicit order is kept
+
+
+def test_device_lost_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert harness.device_lost(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    assert harness.device_lost(torch.device("cuda")) is None
+
+    def sticky(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sticky)
+    assert "illegal memory access" in harness.device_lost(torch.device("cuda"))
+
+
+def _fake_rssm_case(calls: list[str], fail_from: int):
+    def run(benchmark, mode, provider, size, dtype, device, quick, compile_mode, warm_only=False):
+        calls.append(f"{benchmark} {provider}")
+        if len(calls) > fail_from:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        median = 2.0 if provider == "eager" else 0.5
+        return {k: None for k in harness._RSSM_ROW_KEYS} | {
+            "benchmark": f"rssm_{benchmark}", "mode": mode, "provider": provider, "size": size.name, "B": size.B,
+            "T": 1, "dtype": "float32", "median_ms": median, "p20_ms": median, "p80_ms": median,
+            "us_per_step": median * 1e3}
+    return run
+
+
+def test_a_lost_device_stops_the_suite_with_its_own_exit_status(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastwm.__main__ import main
+
+    argv = ["bench", "--suite", "rssm", "--ops", "img_step,obs_step", "--modes", "fwd", "--providers",
+            "eager,compiled", "--rssm-sizes", "planet", "--quick", "--device", "cpu", "--out", str(tmp_path)]
+    calls: list[str] = []
+    monkeypatch.setattr(harness, "_run_rssm_case", _fake_rssm_case(calls, fail_from=2))
+    assert main(argv) == 1  # a failure on a device that still works: the rest runs
+    assert len(calls) == 4
+    calls.clear()
+    (tmp_path / "bench_rssm.json").unlink()
+    monkeypatch.setattr(harness, "device_lost", lambda device: "CUDA error: an illegal memory access")
+    assert main(argv) == harness.DEVICE_LOST_RC == session.DEVICE_LOST_RC
+    assert len(calls) == 3  # nothing ran after the case that poisoned the device
+    assert not (tmp_path / "bench_rssm.json").exists()
+    partial = json.loads((tmp_path / "bench_rssm.partial.json").read_text())
+    # the partial rows carry their speedups
+    assert [(r["provider"], r["speedup_vs_eager"]) for r in partial] == [("eager", 1.0), ("compiled", 4.0)]
+
+
+def test_tune_stops_when_the_device_is_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[str] = []
+
+    def cases(device, quick, dtypes=None):
+        for name in ("a", "b"):
+            def build(name=name):
+                built.append(name)
+                raise RuntimeError("illegal memory access")
+            yield "observe", name, {"B": 4}, build
+
+    monkeypatch.setattr(tune, "_cases", cases)
+    monkeypatch.setattr(harness, "device_lost", lambda device: "sticky")
+    rows = tune.run(torch.device("cpu"), True, ("observe",), split=False)
+    assert len(built) == 1 and rows[-1]["device_lost"] == "sticky"
+
+
+def test_session_records_a_lost_device_and_goes_on(tmp_path: Path) -> None:
+    log = session._Log(tmp_path / "session.log")
+    results: dict = {}
+    changes: list[int] = []
+    steps = [session.Step("lost", 2, [_sleep(0, session.DEVICE_LOST_RC)], 30, tmp_path / "lost.log", min_s=0),
+             session.Step("next", 2, [_sleep(0)], 30, tmp_path / "next.log", min_s=0)]
+    session._run_steps(steps, results, dict(session.os.environ), time.monotonic() + 30, False, log,
+                       on_change=lambda: changes.append(len(results)))
+    assert results["lost"]["device_lost"] and results["lost"]["rc"] == session.DEVICE_LOST_RC
+    assert "device was lost" in session._state(results["lost"])
+    assert results["next"]["rc"] == 0
+    assert changes == [1, 2]  # session.json is rewritten after each step
+
+
+def test_pytest_flags_follow_the_installed_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def commands() -> list[list[str]]:
+        return [c for s in session.build_plan(tmp_path / "o", tmp_path / "w") for c in s.resolve({}) if "pytest" in c]
+
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("xdist", "pytest_timeout") else real(name, *a))
+    cmds = commands()
+    assert cmds and not any("-n" in c or "--timeout" in c for c in cmds)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("xdist", "pytest_timeout") else real(name, *a))
+    cmds = commands()
+    assert sum("-n" in c for c in cmds) == 2 and sum("--timeout" in c for c in cmds) == 1
+
+
+def test_steps_ending_together_are_killed_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_killpg = session.os.killpg
+    monkeypatch.setattr(session.os, "killpg",
+                        lambda pgid, sig: real_killpg(pgid, sig) if sig != session.signal.SIGKILL else None)
+    monkeypatch.setattr(session, "KILL_WAIT_S", 1.5)
+    log = session._Log(tmp_path / "session.log")
+    results: dict = {}
+    survivors: list = []
+    stuck = [session.Step(f"stuck-{i}", 1, [_sleep(60)], 0.5, tmp_path / f"stuck-{i}.log") for i in range(4)]
+    try:
+        start = time.monotonic()
+        session._run_steps(stuck, results, dict(session.os.environ), start + 30, True, log, survivors=survivors)
+        assert time.monotonic() - start < 4.5  # one wait of 1.5 s for all four, not four in a row
+        assert all(results[s.name]["not_gone"] for s in stuck) and len(survivors) == 4
+        later = [session.Step("timed", 2, [_sleep(0)], 30, tmp_path / "timed.log", min_s=0)]
+        session._run_steps(later, results, dict(session.os.environ), time.monotonic() + 30, False, log,
+                           survivors=survivors)
+        assert results["timed"]["contaminated_by"] == [s.name for s in stuck]
+    finally:
+        for s in stuck:
+            real_killpg(results[s.name]["pgid"], session.signal.SIGKILL)
+        for _, r in survivors:
+            r.proc.wait(timeout=10)
+
+
+def test_the_session_fits_its_command(tmp_path: Path) -> None:
+    # the deadline, then at worst the kill, the plot from partial rows and the packing: inside the 600 s command
+    assert 540 - session.PACK_RESERVE_S + session.KILL_WAIT_S + session.PLOT_TIMEOUT_S + 15 < session.COMMAND_LIMIT_S
+    assert session.KILL_WAIT_S + session.PLOT_TIMEOUT_S < session.PACK_RESERVE_S
+    steps = session.build_plan(tmp_path / "o", tmp_path / "w")
+    assert max(s.timeout_s for s in steps if s.phase == 2) < 540 - 240 - session.PACK_RESERVE_S
+    (compiled,) = [s for s in steps if s.name == "compiled"]
+    cmd = compiled.resolve({})[0]
+    assert cmd[cmd.index("--compile-mode") + 1] == "reduce-overhead"
+
+
+def _rollout_row(provider: str, median: float, compile_mode: str | None = None) -> dict:
+    return {"benchmark": "rssm_imagine", "provider": provider, "compile_mode": compile_mode, "size": "planet",
+            "N": 10000, "H": 15, "beliefs": None, "dtype": "bfloat16", "median_ms": median, "frac_floor": 0.9}
+
+
+def test_best_baseline_is_named_and_compiled_missing_is_not_goal_met() -> None:
+    rows = [_rollout_row("eager", 100.0), _rollout_row("graphed", 30.0), _rollout_row("fastwm", 1.0)]
+    harness._rollout_speedups(rows)
+    fused = rows[-1]
+    assert fused["best_baseline"] == "graphed" and fused["baselines_measured"] == ["graphed"]
+    line = harness._rollout_summary(rows)
+    assert "met by 0 of 1" in line and "compiled was not measured for 1" in line
+    rows.append(_rollout_row("compiled", 20.0, "reduce-overhead"))
+    harness._rollout_speedups(rows)
+    assert fused["best_baseline"] == "compiled[reduce-overhead]"
+    assert fused["baselines_measured"] == ["compiled[reduce-overhead]", "graphed"]
+    assert fused["speedup_vs_best_baseline"] == 20
+    line = harness._rollout_summary(rows)
+    assert "met by 1 of 1" in line and "not measured" not in line
+
+
+def test_the_plot_is_drawn_from_partial_rows(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from fastwm.__main__ import main
+
+    bench = tmp_path / "bench"
+    assert main(["bench", "--suite", "rollout", "--ops", "imagine", "--N", "64,128", "--H", "3", "--providers",
+                 "eager", "--rssm-sizes", "planet", "--quick", "--device", "cpu", "--out", str(bench)]) == 0
+    out = tmp_path / "out"
+    (out / "rollout").mkdir(parents=True)
+    (out / "rollout" / "bench_rollout.partial.json").write_text((bench / "bench_rollout.json").read_text())
+    note = session._plot_partial(out, session._Log(tmp_path / "session.log"))
+    assert note is not None and note.endswith("drawn"), note
+    assert (out / "rollout" / "rollout_throughput.png").stat().st_size > 0
+    assert session._plot_partial(out, session._Log(tmp_path / "session.log")) is None  # drawn once
+
+
+def test_sigterm_still_packs_and_writes_session_json(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.session", "--smoke", "--out", str(out), "--work",
+                             str(work), "--budget-s", "300", "--phase1-s", "150"], cwd=session.ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # until phase 1 runs
+            lines.append(line)
+            if "started" in line:
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + rest
+    summary = json.loads((out / "session.json").read_text())
+    assert summary["stopped"].startswith("signal SIGTERM")
+    assert summary["steps"] and all(r["timed_out"] or "skipped" in r or r["rc"] is not None
+                                    for r in summary["steps"].values())
+    assert any(r.get("killed") == "the session stopped" for r in summary["steps"].values())
+    with tarfile.open(out / "extra.tar.gz") as tar:
+        assert "logs/session.log" in tar.getnames()
+    assert summary["out_problems"] == []
