@@ -46,6 +46,12 @@ def _kl_dtype(dtype: torch.dtype) -> torch.dtype:
 def std_from_raw(raw: torch.Tensor, *, min_std: float = 0.1, mode: str = "softplus") -> torch.Tensor:
     """std from a raw head output: softplus(raw) + min_std, softplus(raw).clamp_min(min_std) or
     2 * sigmoid(raw / 2) + min_std. Computed in fp32 (fp64 for fp64 input), returned in raw's dtype."""
+    return _std_compute(raw, min_std, mode).to(raw.dtype)
+
+
+def _std_compute(raw: torch.Tensor, min_std: float, mode: str) -> torch.Tensor:
+    """std_from_raw in fp32 (fp64 for fp64), not rounded back to raw's dtype: what the sample and the KL read, as the
+    kernels do (a half std rounded to 0 would make the KL NaN)."""
     x = _compute(raw)
     if mode == "softplus":
         std = F.softplus(x) + min_std
@@ -55,7 +61,7 @@ def std_from_raw(raw: torch.Tensor, *, min_std: float = 0.1, mode: str = "softpl
         std = 2.0 * torch.sigmoid(x / 2.0) + min_std
     else:
         raise ValueError(f"mode must be one of {STD_MODES}, got {mode!r}")
-    return std.to(raw.dtype)
+    return std
 
 
 def gaussian_rsample(mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -91,10 +97,9 @@ def gaussian_head_sample_kl(
     prior_std)."""
     q_mean, q_raw = post_raw.chunk(2, dim=-1)
     p_mean, p_raw = prior_raw.chunk(2, dim=-1)
-    q_std = std_from_raw(q_raw, min_std=min_std, mode=mode)
-    p_std = std_from_raw(p_raw, min_std=min_std, mode=mode)
+    q_std, p_std = _std_compute(q_raw, min_std, mode), _std_compute(p_raw, min_std, mode)  # fp32: the KL reads them
     z, kl = gaussian_sample_kl(q_mean, q_std, p_mean, p_std, noise)
-    return z, kl, q_mean, q_std, p_mean, p_std
+    return z, kl, q_mean, q_std.to(q_raw.dtype), p_mean, p_std.to(p_raw.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -303,9 +308,10 @@ def _cell(cfg: StepConfig, w: StepWeights, x: torch.Tensor, h: torch.Tensor) -> 
 
 
 def _head(cfg: StepConfig, w1, b1, nw, nb, w2, b2, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (mean, std): the std in fp32 (fp64 for fp64), as the sample and the KL read it; the steps return it rounded
     y = dense(x, w1, b1, nw, nb, act=cfg.act, eps=cfg.eps)
     mean, raw = F.linear(y, w2, b2).chunk(2, dim=-1)
-    return mean, std_from_raw(raw, min_std=cfg.min_std, mode=cfg.std_mode)
+    return mean, _std_compute(raw, cfg.min_std, cfg.std_mode)
 
 
 def rssm_prior_step(
@@ -318,7 +324,7 @@ def rssm_prior_step(
     h = _cell(cfg, w, x, deter)
     mean, std = _head(cfg, w.p1_w, w.p1_b, w.p1_nw, w.p1_nb, w.p2_w, w.p2_b, h)
     new_deter = h if cfg.cell != "none" else deter
-    return new_deter, gaussian_rsample(mean, std, noise), mean, std
+    return new_deter, gaussian_rsample(mean, std, noise), mean, std.to(mean.dtype)
 
 
 def rssm_posterior_step(
@@ -336,9 +342,9 @@ def rssm_posterior_step(
         new_deter,
         gaussian_rsample(q_mean, q_std, noise),
         q_mean,
-        q_std,
+        q_std.to(q_mean.dtype),
         gaussian_rsample(p_mean, p_std, prior_noise),
         p_mean,
-        p_std,
+        p_std.to(p_mean.dtype),
         gaussian_kl(q_mean, q_std, p_mean, p_std),
     )

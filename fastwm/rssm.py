@@ -561,8 +561,13 @@ class RSSM(nn.Module):
                 packed = cast_mlp(pack_mlp(policy, self.feature_dim, self.action_dim), outer)
                 if packed is not None and packed.fits(state.stoch):
                     # A plain MLP policy and no gradient needed: the closed loop runs inside one kernel launch.
+                    # Its value checks: the policy's parameters before, its actions after (one sync each).
+                    if get_validate_args():
+                        check_values({f"policy parameter {n}": p.detach() for n, p in policy.named_parameters()})
                     out = imagine_fused(self.config, w, state.stoch, state.deter, horizon, policy=packed,
                                         generator=generator)
+                    if get_validate_args():
+                        check_values({"policy output": out.actions})
                     return State(out.deter, out.stoch, out.mean, out.std), out.actions
             states, actions = [], []
             seeds = self._step_seeds(state.stoch, horizon, generator)

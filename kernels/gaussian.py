@@ -156,12 +156,25 @@ def _gaussian_fwd_kernel(
                 ps = _std_from_raw(ps, MIN_STD, STD_MODE)
                 tl.store(pm_out + out_off, pm.to(pm_out.dtype.element_ty), mask=mask)
                 tl.store(ps_out + out_off, ps.to(ps_out.dtype.element_ty), mask=mask)
-            d = qm - pm
-            inv_vp = 1.0 / (ps * ps)
-            term = tl.log(ps / qs) + 0.5 * (qs * qs + d * d) * inv_vp - 0.5
+            # in ratios (qs / ps, d / ps): 1 / ps^2 would overflow for stds below ~1e-19 (fp32), the ratios do not
+            r = qs / ps
+            u = (qm - pm) / ps
+            term = 0.5 * (r * r + u * u - 1.0) - tl.log(r)
             kl_acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
     if HAS_KL:
         tl.store(kl_ptr + rows, kl_acc.to(kl_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _kl_grad(qm, qs, pm, ps, g):
+    # g x the gradients of KL(N(qm, qs) || N(pm, ps)) per element: (d qm, d qs, d ps), d pm = -d qm. In ratios, as
+    # the forward; where g is 0 (no KL gradient asked for) exactly 0, also where a tiny ps makes a term overflow.
+    r = qs / ps
+    u = (qm - pm) / ps
+    d_mean = tl.where(g != 0.0, g * (u / ps), 0.0)
+    d_q = tl.where(g != 0.0, g * (r / ps - 1.0 / qs), 0.0)
+    d_p = tl.where(g != 0.0, g * ((1.0 - r * r - u * u) / ps), 0.0)
+    return d_mean, d_q, d_p
 
 
 @triton.jit
@@ -255,15 +268,10 @@ def _gaussian_bwd_kernel(
             ps = p_raw
             if STD_MODE >= 0:
                 ps = _std_from_raw(p_raw, MIN_STD, STD_MODE)
-            d = qm - pm
-            inv_ps = 1.0 / ps
-            inv_vp = inv_ps * inv_ps
-            g = gkl[:, None]
-            d_mean = g * d * inv_vp
+            d_mean, d_q, d_ps = _kl_grad(qm, qs, pm, ps, gkl[:, None])
             d_qm += d_mean
-            d_qs += g * (qs * inv_vp - 1.0 / qs)
+            d_qs += d_q
             d_pm = -d_mean
-            d_ps = g * (inv_ps - (qs * qs + d * d) * inv_vp * inv_ps)
             if STD_MODE >= 0:
                 if HAS_GPM:
                     d_pm += tl.load(gpm_ptr + out_off, mask=mask, other=0.0).to(COMPUTE)

@@ -449,17 +449,20 @@ def _lngru_bwd_parts(D, nw_ptr, xhat_ptr, rstd_ptr, dpv_ptr, dparts_ptr, m1, m2,
 @triton.jit
 def _kl_term(mean, std, pm, ps):
     # KL(N(mean, std) || N(pm, ps)) per element.
-    d = mean - pm
-    return tl.log(ps / std) + 0.5 * (std * std + d * d) / (ps * ps) - 0.5
+    # in ratios (std / ps, d / ps): 1 / ps^2 would overflow for stds below ~1e-19 (fp32), the ratios do not
+    r = std / ps
+    u = (mean - pm) / ps
+    return 0.5 * (r * r + u * u - 1.0) - tl.log(r)
 
 
 @triton.jit
 def _kl_term_grad(mean, std, pm, ps, g):
-    # g x the gradients of _kl_term: (d mean, d std, d ps); d pm = -d mean.
-    d = mean - pm
-    inv_ps = 1.0 / ps
-    inv_vp = inv_ps * inv_ps
-    return g * d * inv_vp, g * (std * inv_vp - 1.0 / std), g * (inv_ps - (std * std + d * d) * inv_vp * inv_ps)
+    # g x the gradients of _kl_term: (d mean, d std, d ps); d pm = -d mean. In ratios, as the forward; exactly 0
+    # where g is 0, also where a tiny ps makes a term overflow.
+    r = std / ps
+    u = (mean - pm) / ps
+    return (tl.where(g != 0.0, g * (u / ps), 0.0), tl.where(g != 0.0, g * (r / ps - 1.0 / std), 0.0),
+            tl.where(g != 0.0, g * ((1.0 - r * r - u * u) / ps), 0.0))
 
 
 @triton.jit

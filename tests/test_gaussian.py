@@ -93,6 +93,50 @@ def test_std_from_raw(mode, shape, dtype, device, poison):
     )
 
 
+@pytest.mark.parametrize("mode", ["softplus", "sigmoid2"])
+def test_kl_of_tiny_stds_is_exact(mode, device, poison):
+    # Stds below ~1e-19 (min_std 0 lets them through) square to 0 in float32: the KL, computed in ratios, stays
+    # finite and equal to the reference's (0 for identical distributions), and so do the sample's gradients when no
+    # KL gradient is asked for (a 0 x inf there was a NaN).
+    std = torch.tensor([[1e-20, 1e-30, 0.5]], device=device)
+    mean = torch.tensor([[0.25, -1.0, 2.0]], device=device)
+    for impl in (fastwm.gaussian_kl, reference.gaussian_kl):
+        kl = impl(mean, std, mean.clone(), std.clone())
+        assert kl.dtype == torch.float32 and kl.tolist() == [0.0], (impl, kl)
+    tiny = (-44.0, -50.0) if mode == "softplus" else (-100.0, -120.0)  # stds of about 1e-19 to 1e-26
+    raw = torch.tensor([[0.25, -1.0, 2.0, *tiny, 0.3]], device=device)
+    noise = torch.tensor([[0.5, -1.5, 1.0]], device=device)
+    grads = []
+    for backend in ("reference", "triton"):
+        r = raw.clone().requires_grad_(True)
+        with fastwm.backend(backend):
+            out = fastwm.gaussian_head_sample_kl(r, r, noise, min_std=0.0, mode=mode)
+        assert out.kl.tolist() == [0.0], (backend, out.kl)
+        grads.append(torch.autograd.grad(out.sample.sum(), r)[0])
+    assert torch.isfinite(grads[1]).all(), grads[1]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_head_kl_is_computed_from_fp32_stds(half, device, poison):
+    # The KL of half raw head outputs is computed from the fp32 stds on both backends (not from stds rounded to the
+    # half dtype): fp32-level error against float64 on the same raw values, and a std that would round to 0 in the
+    # half dtype (min_std 1e-8, raw -30) gives the exact 0 of identical heads instead of 0 / 0.
+    g = torch.Generator().manual_seed(7)
+    post, prior = (torch.randn(6, 10, generator=g).to(device, half) for _ in range(2))
+    noise = torch.randn(6, 5, generator=g).to(device, half)
+    want = reference.gaussian_head_sample_kl(post.double(), prior.double(), noise.double())[1]
+    same = torch.full((1, 4), -30.0, device=device, dtype=half)
+    interpreted_bf16 = half == torch.bfloat16 and torch.device(device).type == "cpu"  # NumPy has no bfloat16
+    for backend in ("reference",) if interpreted_bf16 else ("reference", "triton"):
+        with fastwm.backend(backend):
+            kl = fastwm.gaussian_head_sample_kl(post, prior, noise).kl
+            zero = fastwm.gaussian_head_sample_kl(same, same.clone(), same[:, :2] * 0, min_std=1e-8).kl
+        assert kl.dtype == torch.float32
+        torch.testing.assert_close(kl.double(), want, rtol=2e-6, atol=1e-6, msg=backend)
+        assert zero.tolist() == [0.0], (backend, zero)
+
+
 def test_std_from_raw_extremes(device, poison):
     # softplus's threshold branch and underflow to the floor in float64 and float32; in float64 also raw exactly at
     # softplus_clamp's boundary (softplus(raw) == 0.1), where the gradient must pass as torch.clamp_min's does.

@@ -760,13 +760,16 @@ def _value_checks_name_the_argument(backend: str, device: torch.device) -> None:
         (r"^actions must be finite", lambda: model.imagine(torch.full((b, 2, A), float("nan")), st)),
         (r"^state.deter must be finite", lambda: model.rollout(policy, nan_state, 2)),
         (r"^policy output must be finite", lambda: model.rollout(lambda f: torch.full((b, A), float("nan")), st, 2)),
+        # a plain MLP: in the kernel on the Triton backend (its parameters are checked), stepped on the reference
+        (r"^policy (parameter weight|output) must be finite", lambda: model.rollout(nan_policy, st, 2)),
         (r"^RSSM parameter post2.bias must be finite", lambda: bad_model.observe(z(b, 2, E), z(b, 2, A))),
         (r"^RSSM parameter post2.bias must be finite", lambda: bad_model.obs_step(st, z(b, A), z(b, E))),
         (r"^RSSM parameter post2.bias must be finite", lambda: bad_model.imagine(z(b, 2, A), st)),
     ]
-    bad_model = copy.deepcopy(model)
+    bad_model, nan_policy = copy.deepcopy(model), copy.deepcopy(policy)
     with torch.no_grad():
         bad_model.post2.bias[1] = float("nan")
+        nan_policy.weight[0, 1] = float("nan")
     fastwm.set_validate_args(True)
     try:
         with fastwm.backend(backend), torch.no_grad():  # no_grad: imagine and rollout take the single launch
