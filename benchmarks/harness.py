@@ -804,8 +804,8 @@ def _keep_case(rows: list[dict[str, Any]], name: str, progress: Callable[[dict[s
     progress line (``name: progress(row)``). With ``partial``, every row so far is rewritten there after each case
     (all their fields), so a run killed at a time limit keeps what it measured; :func:`_write_rows` removes it once
     the suite's file is written; ``derive`` (the suite's speedups) runs on a copy of the rows before each write, so
-    that the partial rows have their speedup_vs_* fields. With ``warm``, only this shard's cases run, each called once and not timed
-    (``run(..., warm_only=True)`` returns no row), and none of a ``provider`` that compiles nothing (eager, graphed:
+    that the partial rows have their speedup_vs_* fields. With ``warm``, only this shard's cases run, each called
+    once and not timed (``run(..., warm_only=True)`` returns no row), and none of a ``provider`` that compiles nothing (eager, graphed:
     left out of the deal too, so that the shards share out the compiling cases evenly). True when the case failed."""
     if warm is not None:
         if provider in NOTHING_TO_WARM or not warm.take():

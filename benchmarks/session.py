@@ -206,8 +206,9 @@ def build_plan(out: Path, work: Path, *, device: str = "cuda", workers: int = 8,
                    cut_ok=True)
               for j in range(split_shards)]
     # What phase 2 is sure to reach is warmed: observe, the rollout and tune, then, if the phase has time left, the
-    # compiled step's cases (Inductor's cache; steps, last, compiles in its own step if time is left). Command j of shard i deals from (i + j) mod W, so that the shards that
-    # get a command's leftover cases differ from command to command.
+    # compiled step's cases (Inductor's cache; steps, last, compiles in its own step if time is left). Command j of
+    # shard i deals from (i + j) mod W, so that the shards that get a command's leftover cases differ from command to
+    # command.
     warmed = [(_bench, OBSERVE), (_bench, ROLLOUT), (_tune, ["--no-split"]), (_bench, COMPILED)]
     for i in range(workers):
         steps.append(Step(f"warm-{i}", 1, [make(args, None, device, ((i + j) % workers, workers))
@@ -484,7 +485,8 @@ def _schedule(waiting: list[Step], running: list[_Running], known: set[str], res
             if r.poll():
                 ended.append((r, False, ""))
             elif now - r.started > r.step.timeout_s or now > deadline:
-                ended.append((r, True, "at its time limit" if now - r.started > r.step.timeout_s else "at the deadline"))
+                why = "at its time limit" if now - r.started > r.step.timeout_s else "at the deadline"
+                ended.append((r, True, why))
         if ended:  # recorded before they leave ``running``: a SIGTERM in between still has them killed
             finish(ended)
         for r, _, _ in ended:
