@@ -96,6 +96,25 @@ def _philox_normal_tile(seed, rows, s0, S4, COMPUTE: tl.constexpr, BLOCK_R: tl.c
 
 
 @triton.jit
+def _kl_term(mean, std, pm, ps):
+    # KL(N(mean, std) || N(pm, ps)) per element.
+    # in ratios (std / ps, d / ps): 1 / ps^2 would overflow for stds below ~1e-19 (fp32), the ratios do not
+    r = std / ps
+    u = (mean - pm) / ps
+    return 0.5 * (r * r + u * u - 1.0) - tl.log(r)
+
+
+@triton.jit
+def _kl_term_grad(mean, std, pm, ps, g):
+    # g x the gradients of _kl_term: (d mean, d std, d ps); d pm = -d mean. In ratios, as the forward; exactly 0
+    # where g is 0, also where a tiny ps makes a term overflow.
+    r = std / ps
+    u = (mean - pm) / ps
+    return (tl.where(g != 0.0, g * (u / ps), 0.0), tl.where(g != 0.0, g * (r / ps - 1.0 / std), 0.0),
+            tl.where(g != 0.0, g * ((1.0 - r * r - u * u) / ps), 0.0))
+
+
+@triton.jit
 def _gaussian_fwd_kernel(
     qm_ptr,  # [N, S] posterior mean, row stride stride_q
     qs_ptr,  # [N, S] posterior std (raw when STD_MODE >= 0), row stride stride_q
@@ -156,25 +175,9 @@ def _gaussian_fwd_kernel(
                 ps = _std_from_raw(ps, MIN_STD, STD_MODE)
                 tl.store(pm_out + out_off, pm.to(pm_out.dtype.element_ty), mask=mask)
                 tl.store(ps_out + out_off, ps.to(ps_out.dtype.element_ty), mask=mask)
-            # in ratios (qs / ps, d / ps): 1 / ps^2 would overflow for stds below ~1e-19 (fp32), the ratios do not
-            r = qs / ps
-            u = (qm - pm) / ps
-            term = 0.5 * (r * r + u * u - 1.0) - tl.log(r)
-            kl_acc += tl.sum(tl.where(mask, term, 0.0), axis=1)
+            kl_acc += tl.sum(tl.where(mask, _kl_term(qm, qs, pm, ps), 0.0), axis=1)
     if HAS_KL:
         tl.store(kl_ptr + rows, kl_acc.to(kl_ptr.dtype.element_ty), mask=rmask)
-
-
-@triton.jit
-def _kl_grad(qm, qs, pm, ps, g):
-    # g x the gradients of KL(N(qm, qs) || N(pm, ps)) per element: (d qm, d qs, d ps), d pm = -d qm. In ratios, as
-    # the forward; where g is 0 (no KL gradient asked for) exactly 0, also where a tiny ps makes a term overflow.
-    r = qs / ps
-    u = (qm - pm) / ps
-    d_mean = tl.where(g != 0.0, g * (u / ps), 0.0)
-    d_q = tl.where(g != 0.0, g * (r / ps - 1.0 / qs), 0.0)
-    d_p = tl.where(g != 0.0, g * ((1.0 - r * r - u * u) / ps), 0.0)
-    return d_mean, d_q, d_p
 
 
 @triton.jit
@@ -268,7 +271,7 @@ def _gaussian_bwd_kernel(
             ps = p_raw
             if STD_MODE >= 0:
                 ps = _std_from_raw(p_raw, MIN_STD, STD_MODE)
-            d_mean, d_q, d_ps = _kl_grad(qm, qs, pm, ps, gkl[:, None])
+            d_mean, d_q, d_ps = _kl_term_grad(qm, qs, pm, ps, gkl[:, None])
             d_qm += d_mean
             d_qs += d_q
             d_pm = -d_mean

@@ -25,7 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .gaussian import _compute_dtype, _philox_normal_tile, _std_from_raw, _std_from_raw_grad, empty
+from .gaussian import (
+    _compute_dtype,
+    _kl_term,
+    _kl_term_grad,
+    _philox_normal_tile,
+    _std_from_raw,
+    _std_from_raw_grad,
+    empty,
+)
 
 __all__ = ["CELL_IDS", "ACT_IDS", "step_fwd", "step_bwd", "gru_cell_fwd", "gru_cell_bwd", "lngru_cell_fwd",
            "lngru_cell_bwd", "BLOCK_M"]
@@ -444,25 +452,6 @@ def _lngru_bwd_parts(D, nw_ptr, xhat_ptr, rstd_ptr, dpv_ptr, dparts_ptr, m1, m2,
             dv = tl.load(dpv_ptr + poffs, mask=mask, other=0.0)
             gam = tl.load(nw_ptr + c * D + cols, mask=cmask, other=0.0).to(COMPUTE)[None, :]
             tl.store(dparts_ptr + poffs, rstd[:, None] * (dv * gam - m1[:, None] - xhat * m2[:, None]), mask=mask)
-
-
-@triton.jit
-def _kl_term(mean, std, pm, ps):
-    # KL(N(mean, std) || N(pm, ps)) per element.
-    # in ratios (std / ps, d / ps): 1 / ps^2 would overflow for stds below ~1e-19 (fp32), the ratios do not
-    r = std / ps
-    u = (mean - pm) / ps
-    return 0.5 * (r * r + u * u - 1.0) - tl.log(r)
-
-
-@triton.jit
-def _kl_term_grad(mean, std, pm, ps, g):
-    # g x the gradients of _kl_term: (d mean, d std, d ps); d pm = -d mean. In ratios, as the forward; exactly 0
-    # where g is 0, also where a tiny ps makes a term overflow.
-    r = std / ps
-    u = (mean - pm) / ps
-    return (tl.where(g != 0.0, g * (u / ps), 0.0), tl.where(g != 0.0, g * (r / ps - 1.0 / std), 0.0),
-            tl.where(g != 0.0, g * ((1.0 - r * r - u * u) / ps), 0.0))
 
 
 @triton.jit
