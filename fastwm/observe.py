@@ -47,23 +47,30 @@ def _kernels():
 
 
 _OBS_SCHEMA = (
-    "(Tensor stoch0, Tensor deter0, Tensor action, Tensor embed, Tensor? first, Tensor? noise, Tensor? prior_noise, "
-    "Tensor seed, "
+    "(Tensor stoch0, Tensor deter0, Tensor action, Tensor embed, Tensor? first, Tensor? init_stoch, "
+    "Tensor? init_deter, Tensor? noise, Tensor? prior_noise, Tensor seed, "
     "Tensor[] weights, int cell, int act, bool norm, int std_mode, float min_std, float eps, bool recompute) -> ("
     + ", ".join(["Tensor"] * (_N_OUT + _N_SAVED)) + ")"
 )
 
 
 @torch.library.custom_op("fastwm::rssm_observe", mutates_args=(), schema=_OBS_SCHEMA)
-def _observe_op(stoch0, deter0, action, embed, first, noise, prior_noise, seed, weights, cell, act, norm, std_mode,
-                min_std, eps, recompute):
+def _observe_op(stoch0, deter0, action, embed, first, init_stoch, init_deter, noise, prior_noise, seed, weights, cell,
+                act, norm, std_mode, min_std, eps, recompute):
     return _kernels().observe_fwd(
         stoch0.contiguous(), deter0.contiguous(), action.contiguous(), embed.contiguous(),
         None if first is None else first.contiguous(), None if noise is None else noise.contiguous(),
         None if prior_noise is None else prior_noise.contiguous(), seed,
         [_present(w) for w in weights], cell=cell, act=act, norm=norm, std_mode=std_mode, min_std=min_std, eps=eps,
-        update_bias=_UPDATE_BIAS,
+        update_bias=_UPDATE_BIAS, init=_init(init_stoch, init_deter),
     )
+
+
+def _init(init_stoch: Tensor | None, init_deter: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    # the initial state a reset restores, as the kernels take it (None: zeros); cell "none" has no deter
+    if init_stoch is None:
+        return None
+    return init_stoch.contiguous(), init_stoch.new_empty(0) if init_deter is None else init_deter.contiguous()
 
 
 def _saved_shapes(t_len: int, b: int, cell: int, norm: bool, s: int, a: int, d: int, hd: int) -> list[tuple]:
@@ -76,8 +83,8 @@ def _saved_shapes(t_len: int, b: int, cell: int, norm: bool, s: int, a: int, d: 
 
 
 @_observe_op.register_fake
-def _(stoch0, deter0, action, embed, first, noise, prior_noise, seed, weights, cell, act, norm, std_mode, min_std, eps,
-      recompute):
+def _(stoch0, deter0, action, embed, first, init_stoch, init_deter, noise, prior_noise, seed, weights, cell, act, norm,
+      std_mode, min_std, eps, recompute):
     t_len, b, a = action.shape
     s, d, hd = stoch0.shape[1], deter0.shape[1], weights[0].shape[0]
     dt, cdt = stoch0.dtype, _cdt(stoch0.dtype)
@@ -92,30 +99,33 @@ def _(stoch0, deter0, action, embed, first, noise, prior_noise, seed, weights, c
 _OBS_BWD_SCHEMA = (
     "(Tensor stoch0, Tensor deter0, Tensor embed, Tensor? first, Tensor? noise, Tensor? prior_noise, Tensor seed, "
     "Tensor[] weights, "
-    "Tensor[] saved, Tensor[] grads, int cell, int act, bool norm, int std_mode, float min_std) -> ("
-    + ", ".join(["Tensor"] * 14) + ")"
+    "Tensor[] saved, Tensor[] grads, int cell, int act, bool norm, int std_mode, float min_std, bool init) -> ("
+    + ", ".join(["Tensor"] * 16) + ")"
 )
 
 
 @torch.library.custom_op("fastwm::rssm_observe_backward", mutates_args=(), schema=_OBS_BWD_SCHEMA)
 def _observe_backward_op(stoch0, deter0, embed, first, noise, prior_noise, seed, weights, saved, grads, cell, act, norm,
-                         std_mode, min_std):
+                         std_mode, min_std, init):
     return _kernels().observe_bwd(
         stoch0.contiguous(), deter0.contiguous(), embed.contiguous(), None if first is None else first.contiguous(),
         None if noise is None else noise.contiguous(), None if prior_noise is None else prior_noise.contiguous(), seed,
         [_present(w) for w in weights], tuple(saved),
         tuple(g.contiguous() for g in grads), cell=cell, act=act, norm=norm, std_mode=std_mode, min_std=min_std,
-        update_bias=_UPDATE_BIAS,
+        update_bias=_UPDATE_BIAS, init=init,
     )
 
 
 @_observe_backward_op.register_fake
-def _(stoch0, deter0, embed, first, noise, prior_noise, seed, weights, saved, grads, cell, act, norm, std_mode, min_std):
+def _(stoch0, deter0, embed, first, noise, prior_noise, seed, weights, saved, grads, cell, act, norm, std_mode, min_std,
+      init):
     t_len, b, e = embed.shape
     s, d, hd = stoch0.shape[1], deter0.shape[1], weights[0].shape[0]
     a = weights[0].shape[1] - s
     cdt = _cdt(stoch0.dtype)
-    shapes = [(b, s), (b, d) if cell != 2 else (0,), (t_len, b, a), (t_len, b, e),
+    has_init = init and first is not None
+    shapes = [(b, s), (b, d) if cell != 2 else (0,), (t_len, b, a), (t_len, b, e), (s,) if has_init else (0,),
+              (d,) if has_init and cell != 2 else (0,),
               (t_len, b, hd), (t_len, b, hd) if norm else (0,), (t_len, b, 3 * d) if cell != 2 else (0,),
               (t_len, b, 3 * d) if cell != 2 else (0,), (t_len, b, 2 * s), (t_len, b, hd),
               (t_len, b, hd) if norm else (0,), (t_len, b, 2 * s), (t_len, b, hd), (t_len, b, hd) if norm else (0,)]
@@ -123,13 +133,16 @@ def _(stoch0, deter0, embed, first, noise, prior_noise, seed, weights, saved, gr
 
 
 def _setup_context(ctx, inputs, output):
-    (stoch0, deter0, action, embed, first, noise, prior_noise, seed, weights, cell, act, norm, std_mode, min_std, eps,
-     recompute) = inputs
+    (stoch0, deter0, action, embed, first, init_stoch, init_deter, noise, prior_noise, seed, weights, cell, act, norm,
+     std_mode, min_std, eps, recompute) = inputs
     # h_in (each step's input deter) is not kept: it is the deter output shifted by one step, reset where is_first.
     # recompute: only z_in and a_in besides.
     z_in, _, a_in, *step_saved = output[_N_OUT:]
     saved = (z_in, a_in) if recompute else (z_in, a_in, *step_saved)
-    ctx.save_for_backward(stoch0, deter0, embed, first, noise, prior_noise, seed, output[0], *weights, *saved)
+    has_init = init_stoch is not None and first is not None
+    ctx.save_for_backward(stoch0, deter0, embed, first, init_deter if has_init else None, noise, prior_noise, seed,
+                          output[0], *weights, *saved)
+    ctx.has_init = has_init
     ctx.n_weights = len(weights)
     ctx.config = (cell, act, norm, std_mode, min_std, eps)
     ctx.set_materialize_grads(False)
@@ -153,15 +166,16 @@ def _recompute_saved(z_in: Tensor, h_in: Tensor, a_in: Tensor, embed: Tensor, se
 
 def _backward(ctx, *grads):
     n_w = ctx.n_weights
-    stoch0, deter0, embed, first, noise, prior_noise, seed, hs, *rest = ctx.saved_tensors
+    stoch0, deter0, embed, first, init_deter, noise, prior_noise, seed, hs, *rest = ctx.saved_tensors
     weights, saved = rest[:n_w], rest[n_w:]
     cell, act, norm, std_mode, min_std, eps = ctx.config
     z_in, a_in, *step_saved = saved
     h_in = hs
-    if cell != 2:  # the kernel's own _keep_copy: keep * state, exact in every dtype
+    if cell != 2:  # the kernel's own _reset_copy: a select, exact in every dtype
         h_in = torch.cat([deter0[None], hs[:-1]])
         if first is not None:
-            h_in = h_in * (first == 0).to(h_in.dtype)[..., None]
+            reset = init_deter.to(h_in.dtype) if ctx.has_init else h_in.new_zeros(())
+            h_in = torch.where(first[..., None] != 0, reset, h_in)
     if not step_saved:  # recompute
         step_saved = _recompute_saved(z_in, h_in, a_in, embed, seed, list(weights), cell, act, norm, std_mode, min_std,
                                       eps)
@@ -175,9 +189,9 @@ def _backward(ctx, *grads):
         if g is None:  # no gradient flowed into this output: zeros (the kernel reads every one)
             g = stoch0.new_zeros(shape, dtype=_cdt(stoch0.dtype) if i == 7 else stoch0.dtype)
         g_list.append(g)
-    d_z0, d_h0, d_a, d_e, *d_pre = _observe_backward_op(stoch0, deter0, embed, first, noise, prior_noise, seed,
-                                                          list(weights), list(saved), g_list, cell, act, norm,
-                                                          std_mode, min_std)
+    d_z0, d_h0, d_a, d_e, d_iz, d_ih, *d_pre = _observe_backward_op(stoch0, deter0, embed, first, noise, prior_noise,
+                                                                      seed, list(weights), list(saved), g_list, cell,
+                                                                      act, norm, std_mode, min_std, ctx.has_init)
     rows = t_len * b
 
     def flat(t: Tensor) -> Tensor:  # [T, B, ...] -> [T * B, ...]; an absent one (shape [0]) stays as it is
@@ -191,8 +205,9 @@ def _backward(ctx, *grads):
     dt = stoch0.dtype
     if first is not None:
         d_a = d_a * (first == 0).to(d_a.dtype)[..., None]  # a reset step's action was zeroed: no gradient
-    return (d_z0.to(dt), d_h0.to(dt) if cell != 2 else None, d_a.to(dt), d_e.to(dt), None, None, None, None, gw,
-            None, None, None, None, None, None, None)
+    d_init = (d_iz.to(dt), d_ih.to(dt) if cell != 2 else None) if ctx.has_init else (None, None)
+    return (d_z0.to(dt), d_h0.to(dt) if cell != 2 else None, d_a.to(dt), d_e.to(dt), None, *d_init, None, None, None,
+            gw, None, None, None, None, None, None, None)
 
 
 _observe_op.register_autograd(without_autocast(_backward), setup_context=_setup_context)
@@ -218,10 +233,12 @@ def saved_bytes(rssm, *, recompute: bool = False) -> int:
 def fused_observe(cfg: reference.StepConfig, w: reference.StepWeights, stoch0: Tensor, deter0: Tensor,
                   embed: Tensor, action: Tensor, is_first: Tensor | None, noise: Tensor | None,
                   prior_noise: Tensor | None, generator: torch.Generator | None,
-                  recompute: bool = False) -> tuple[Tensor, ...]:
+                  recompute: bool = False, init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
     """observe on batch-first inputs embed [B, T, E], action [B, T, A], is_first [B, T] (bool) or None, noise and
     prior_noise [B, T, S] or None -> batch-first contiguous (deter, post stoch, mean, std, prior stoch, mean, std,
-    kl [B, T]). ``recompute``: keep only each step's input state for the backward (see :func:`saved_bytes`)."""
+    kl [B, T]). ``recompute``: keep only each step's input state for the backward (see :func:`saved_bytes`).
+    ``init``: the state (stoch [S], deter [D], in stoch0's dtype) an is_first reset restores, differentiable
+    (RSSM's learned initial state); None: zeros."""
     check_generator(generator)
     if noise is not None and prior_noise is not None:  # nothing to draw: the random state stays as it is
         seed = stoch0.new_zeros(2, dtype=torch.int64)
@@ -230,8 +247,9 @@ def fused_observe(cfg: reference.StepConfig, w: reference.StepWeights, stoch0: T
         seed = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, generator=generator).to(stoch0.device)
     weights = [stoch0.new_empty(0) if t is None else t for t in w]
     first = None if is_first is None else is_first.transpose(0, 1).to(torch.int8).contiguous()
-    out = _observe_op(stoch0, deter0, action.transpose(0, 1), embed.transpose(0, 1), first,
-                      None if noise is None else noise.transpose(0, 1),
+    init_stoch, init_deter = (None, None) if init is None else init
+    out = _observe_op(stoch0, deter0, action.transpose(0, 1), embed.transpose(0, 1), first, init_stoch,
+                      None if cfg.cell == "none" else init_deter, None if noise is None else noise.transpose(0, 1),
                       None if prior_noise is None else prior_noise.transpose(0, 1), seed, weights, _CELL_IDS[cfg.cell],
                       _ACT_IDS[cfg.act], bool(cfg.norm), _STD_IDS[cfg.std_mode], float(cfg.min_std), float(cfg.eps),
                       bool(recompute))

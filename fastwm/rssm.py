@@ -258,19 +258,29 @@ class RSSM(nn.Module):
             raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
         return self._initial(batch_size, None)
 
-    def _initial(self, batch_size: int, dtype: torch.dtype | None) -> State:
-        w = self._like()
-        zeros = torch.zeros(batch_size, self.stoch, device=w.device, dtype=dtype or w.dtype)
-        if self.initial_deter is None:
+    def _initial(self, batch_size: int, dtype: torch.dtype | None, w: reference.StepWeights | None = None) -> State:
+        like = self._like()
+        zeros = torch.zeros(batch_size, self.stoch, device=like.device, dtype=dtype or like.dtype)
+        learned = self._learned_initial(dtype, w)
+        if learned is None:
             return State(zeros.new_zeros(batch_size, self.deter), zeros, zeros.clone(), torch.ones_like(zeros))
-        # learned (dreamerv3-torch): deter = tanh(W), stoch = the prior's mean from it; mean 0 and std 1 as for zeros
-        # (no step reads them). One row, computed in the parameters' dtype, then cast and repeated.
-        with no_autocast(w.device):
-            sw = self.weights()
-            deter = torch.tanh(self.initial_deter)[None]
-            mean, _ = reference._head(self.config, sw.p1_w, sw.p1_b, sw.p1_nw, sw.p1_nb, sw.p2_w, sw.p2_b, deter)
-        deter, stoch = (cast(t, dtype).expand(batch_size, -1).contiguous() for t in (deter, mean))
+        stoch, deter = (t.expand(batch_size, -1).contiguous() for t in learned)
         return State(deter, stoch, zeros, torch.ones_like(zeros))
+
+    def _learned_initial(self, dtype: torch.dtype | None,
+                         w: reference.StepWeights | None = None) -> tuple[Tensor, Tensor] | None:
+        """The learned initial state's (stoch [S], deter [D]), differentiable; None for initial="zeros".
+        dreamerv3-torch's: deter = tanh(W), stoch = the prior's mean from it (mean 0 and std 1 as for zeros: no
+        step reads them). Computed in ``dtype`` (the parameters' when None) from the parameters cast to it, as
+        everything under autocast is: the same as the model converted to that dtype computes. ``w``: the call's
+        weights already cast to ``dtype`` (one cast per call, as the converted model has one parameter)."""
+        if self.initial_deter is None:
+            return None
+        with no_autocast(self.initial_deter.device):
+            sw = self.weights(dtype) if w is None else w
+            deter = torch.tanh(cast(self.initial_deter, dtype))[None]
+            mean, _ = reference._head(self.config, sw.p1_w, sw.p1_b, sw.p1_nw, sw.p1_nb, sw.p2_w, sw.p2_b, deter)
+        return mean[0], deter[0]
 
     def features(self, state: State) -> Tensor:
         """cat([stoch, deter]) along the last dim: [..., S + D]."""
@@ -313,9 +323,15 @@ class RSSM(nn.Module):
 
     def _check_values(self, finite: dict[str, Tensor | None]) -> None:
         """Value checks of ``finite`` and of every parameter, in one host sync (when set_validate_args is on): a NaN
-        input or weight is named, not propagated."""
+        input or weight is named, not propagated. Under autocast also each parameter as the step reads it, cast to
+        the autocast dtype: a float32 weight past float16's range (65504) turns infinite there."""
         if get_validate_args():
-            check_values({**finite, **{f"RSSM parameter {n}": p.detach() for n, p in self.named_parameters()}})
+            amp = self._amp()
+            params = {f"RSSM parameter {n}": p.detach() for n, p in self.named_parameters()}
+            if amp is not None:
+                params.update({f"RSSM parameter {n} (cast to {amp} by autocast)": cast(p.detach(), amp)
+                               for n, p in self.named_parameters()})
+            check_values({**finite, **params})
 
     def _check_input(self, name: str, t: object, width: int, lead: tuple[int, ...],
                      amp: torch.dtype | None = None) -> Tensor:
@@ -442,18 +458,18 @@ class RSSM(nn.Module):
             raise ValueError("give either noise and prior_noise or generator, not all three (the generator only "
                              "draws noise)")
         is_first = check_is_first(is_first, b, t_len, embed.device)
-        state = self._initial(b, amp) if state is None else self._check_state(state, amp=amp)
+        w = self.weights(amp)
+        state = self._initial(b, amp, w) if state is None else self._check_state(state, amp=amp)
         if state.stoch.shape[0] != b:
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
         self._check_values({"embed": embed, "action": action, "state.stoch": state.stoch, "state.deter": state.deter,
                             "noise": noise, "prior_noise": prior_noise})
         with no_autocast(embed.device):
-            w = self.weights(amp)
-            # the time-loop kernel resets to zeros: a learned initial state with resets runs the per-step kernels
-            if use_triton(embed) and t_len > 0 and (is_first is None or self.initial_deter is None):
+            if use_triton(embed) and t_len > 0:
+                init = None if is_first is None else self._learned_initial(state.stoch.dtype, w)
                 deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, w, state.stoch, state.deter, embed,
                                                                   action, is_first, noise, prior_noise, generator,
-                                                                  recompute)
+                                                                  recompute, init)
                 post_s, prior_s = State(deter, qz, qm, qs), State(deter, pz, pm, ps)
             else:
                 post_s, prior_s, kl = self._observe_steps(embed, action, is_first, state, noise, prior_noise,
@@ -474,7 +490,7 @@ class RSSM(nn.Module):
         path, and on the Triton backend the per-step fused kernels (the benchmarks' "fused-steps" baseline)."""
         w = w if w is not None else self.weights(state.stoch.dtype)
         posts, priors, kls = [], [], []
-        init = self._initial(state.stoch.shape[0], state.stoch.dtype) if is_first is not None else None
+        init = self._initial(state.stoch.shape[0], state.stoch.dtype, w) if is_first is not None else None
         for t in range(embed.shape[1]):
             a = action[:, t]
             if is_first is not None:

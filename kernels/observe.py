@@ -2,8 +2,9 @@
 
 The posterior sample at step t feeds the cell at step t + 1, so the cell, the posterior head and the sample sit inside
 one time loop: each program owns ``BLOCK_M`` sequences and runs the posterior step (:func:`_step_fwd_body` of
-``fastwm.kernels.rssm``) for t = 0 .. T - 1, applying the ``is_first`` resets on the fly. Everything is time-major
-([T, B, ...]) so that step t's slice is a contiguous [B, ...] block.
+``fastwm.kernels.rssm``) for t = 0 .. T - 1, applying the ``is_first`` resets on the fly: to zeros, or to the
+initial state given as two vectors (RSSM's learned one), whose gradient the reverse loop adds up per row where a step
+was reset. Everything is time-major ([T, B, ...]) so that step t's slice is a contiguous [B, ...] block.
 
 What does not depend on the recurrence is hoisted out of the loop:
 
@@ -112,6 +113,39 @@ def _keep_copy(dst_ptr, src_ptr, N, keep, rows, rmask, HAS_SRC: tl.constexpr, BL
 
 
 @triton.jit
+def _reset_copy(dst_ptr, src_ptr, init_ptr, N, keep, rows, rmask, HAS_INIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, PAST_L1: tl.constexpr = False):
+    # A step's input state with its reset applied: dst[rows, :N] = src where keep, else the initial state (init[:N],
+    # one vector for every row: the learned one; 0 without HAS_INIT). A select, not a product: exact in every dtype.
+    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs = rows[:, None] * N + cols[None, :]
+        mask = rmask[:, None] & (cols < N)[None, :]
+        if PAST_L1:
+            v = tl.load(src_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        else:
+            v = tl.load(src_ptr + offs, mask=mask, other=0.0)
+        if HAS_INIT:
+            i = tl.load(init_ptr + cols, mask=cols < N, other=0.0).to(v.dtype)[None, :] + tl.zeros_like(v)
+        else:
+            i = tl.zeros_like(v)
+        tl.store(dst_ptr + offs, tl.where(keep[:, None] != 0, v, i).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_reset(acc_ptr, src_ptr, N, keep, rows, rmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0, nb_step=1):
+    # acc[rows, :N] += src where not keep: what a reset step's input-state gradient sends to the learned initial
+    # state, per row (summed over the rows after the loop); column blocks nb0, nb0 + nb_step, ...
+    for nb in range(nb0, tl.cdiv(N, BLOCK_N), nb_step):
+        cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs = rows[:, None] * N + cols[None, :]
+        mask = rmask[:, None] & (cols < N)[None, :]
+        g = tl.load(src_ptr + offs, mask=mask, other=0.0).to(keep.dtype)
+        v = tl.load(acc_ptr + offs, mask=mask, other=0.0) + tl.where(keep[:, None] != 0, 0.0, g)
+        tl.store(acc_ptr + offs, v, mask=mask)
+
+
+@triton.jit
 def _add_keep(dst_ptr, a_ptr, b_ptr, N, keep, rows, rmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0,
               nb_step=1):
     # dst = a + keep[:, None] * b over rows [rows] of length N (a: upstream grads, b: the carried gradient), column
@@ -137,6 +171,7 @@ def _keep_of(first_ptr, rows, rmask, HAS_FIRST: tl.constexpr, COMPUTE: tl.conste
 @triton.jit
 def _observe_fwd_kernel(
     z0_ptr, h0_ptr,  # [B, S], [B, D] (X): the state before step 0
+    iz_ptr, ih_ptr,  # [S], [D] (X): the initial state a reset restores (HAS_INIT; zeros without)
     act_ptr, emb_ptr, first_ptr,  # [T, B, A], [T, B, E] (X) (their products are hoisted: unused), [T, B] int8
     nq_ptr, np_ptr, seed_ptr,  # [T, B, S] (X) posterior / prior noise (NOISE_Q / NOISE_P 1), [2] int64 seeds
     w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
@@ -145,8 +180,8 @@ def _observe_fwd_kernel(
     z_in, h_in, a_in,  # saved [T, B, S], [T, B, D], [T, B, A] (X): each step's input state and action, reset applied
     x_pre, x_rstd, x_act, c_save, c_rstd, p_pre, p_rstd, p_y, p_raw, q_pre, q_rstd, q_y, q_raw,  # saved [T, B, ...]
     B, T, S, A, D, E, HD, C_W,  # C_W: the width of c_save (4D for the GRU, 3D for the LN-GRU)
-    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, NOISE_Q: tl.constexpr,
-    NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, EPS: tl.constexpr,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_INIT: tl.constexpr,
+    NOISE_Q: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, EPS: tl.constexpr,
     UPDATE_BIAS: tl.constexpr,
     HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_P1: tl.constexpr,
     HAS_B_Q1: tl.constexpr,
@@ -161,13 +196,15 @@ def _observe_fwd_kernel(
     for t in range(0, T):
         keep = _keep_of(first_ptr + t * B, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
         if t == 0:
-            _keep_copy(z_in, z0_ptr, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+            _reset_copy(z_in, z0_ptr, iz_ptr, S, keep, rows, rmask, HAS_INIT, BLOCK_M, BLOCK_N)
             if HAS_D:
-                _keep_copy(h_in, h0_ptr, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+                _reset_copy(h_in, h0_ptr, ih_ptr, D, keep, rows, rmask, HAS_INIT, BLOCK_M, BLOCK_N)
         else:
-            _keep_copy(z_in + t * B * S, zq + (t - 1) * B * S, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+            _reset_copy(z_in + t * B * S, zq + (t - 1) * B * S, iz_ptr, S, keep, rows, rmask, HAS_INIT, BLOCK_M,
+                        BLOCK_N)
             if HAS_D:
-                _keep_copy(h_in + t * B * D, hs + (t - 1) * B * D, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+                _reset_copy(h_in + t * B * D, hs + (t - 1) * B * D, ih_ptr, D, keep, rows, rmask, HAS_INIT, BLOCK_M,
+                            BLOCK_N)
         tl.debug_barrier()
         _step_fwd_body(
             z_in + t * B * S, a_in + t * B * A, h_in + t * B * D, emb_ptr + t * B * E,
@@ -326,7 +363,7 @@ def _sum_parts(raw_ptr, part_ptr, b_ptr, P, B, S2, rows, rmask, COMPUTE: tl.cons
 
 @triton.jit
 def _observe_split_fwd_kernel(
-    z0_ptr, h0_ptr, first_ptr, nq_ptr, seed_ptr,  # as in _observe_fwd_kernel
+    z0_ptr, h0_ptr, iz_ptr, ih_ptr, first_ptr, nq_ptr, seed_ptr,  # as in _observe_fwd_kernel
     w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2,
     hs, zq, qm, qs,  # out [T, B, D], [T, B, S] x 3 (X)
     z_in, h_in, a_in,  # saved [T, B, S], [T, B, D], [T, B, A] (X); a_in holds the action, resets applied
@@ -334,8 +371,8 @@ def _observe_split_fwd_kernel(
     count_ptr, part, stats,  # int32 [row blocks] zeros; scratch [2, P, B, 2S] (by step parity), [P, B, 3] (C)
     pz, ph, pxp, pxr, pxa, praw, pzq, pqm, pqs, phc,  # private scratch [P, B, ...]: S, D, Hd, 1, Hd, 2S, S x 3, D
     B, T, S, A, D, E, HD, C_W,
-    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, NOISE_Q: tl.constexpr,
-    STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_INIT: tl.constexpr,
+    NOISE_Q: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, EPS: tl.constexpr, UPDATE_BIAS: tl.constexpr,
     HAS_B_IN: tl.constexpr, HAS_B_C1: tl.constexpr, HAS_B_C2: tl.constexpr, HAS_B_Q1: tl.constexpr,
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_S2: tl.constexpr,
@@ -371,13 +408,14 @@ def _observe_split_fwd_kernel(
             zt = _pick(own, z_o + t * B * S, z_o)
             ht = _pick(own, h_o + t * B * D, h_o)
             if t == 0:
-                _keep_copy(zt, z0_ptr, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+                _reset_copy(zt, z0_ptr, iz_ptr, S, keep, rows, rmask, HAS_INIT, BLOCK_M, BLOCK_N)
                 if HAS_D:
-                    _keep_copy(ht, h0_ptr, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+                    _reset_copy(ht, h0_ptr, ih_ptr, D, keep, rows, rmask, HAS_INIT, BLOCK_M, BLOCK_N)
             else:
-                _keep_copy(zt, zq_o, S, keep, rows, rmask, True, BLOCK_M, BLOCK_N)
+                _reset_copy(zt, zq_o, iz_ptr, S, keep, rows, rmask, HAS_INIT, BLOCK_M, BLOCK_N)
                 if HAS_D:
-                    _keep_copy(ht, hs + (t - 1) * B * D, D, keep, rows, rmask, True, BLOCK_M, BLOCK_N, True)
+                    _reset_copy(ht, hs + (t - 1) * B * D, ih_ptr, D, keep, rows, rmask, HAS_INIT, BLOCK_M, BLOCK_N,
+                                True)
             tl.debug_barrier()
             # the input layer, whole in every program (its action part too: no hoisted product to start from)
             xp_o = _pick(own, x_pre + t * B * HD, pxp + pp * B * HD)
@@ -461,13 +499,14 @@ def _observe_split_bwd_kernel(
     h_in, x_pre, x_rstd, c_save, c_rstd, q_pre, q_rstd, q_raw,  # saved by the forward
     g_head, g_zq, g_qm, g_qs, d_qkl,  # g_head [T, B, D'], upstream [T, B, S] x 3, the KL's d q_raw [T, B, 2S] (C)
     d_z0, d_h0,  # out [B, S], [B, D] (C)
+    g_iz, g_ih,  # [B, S], [B, D] (C) zeros (HAS_INIT): += each reset step's input-state gradient, per row
     d_xpre, d_xv, d_c1, d_c2, d_qraw, d_qpre, d_qv,  # out [T, B, ...] (C), as in _observe_bwd_kernel
     count_ptr, stats,  # int32 [row blocks] zeros; [P, B, 3] (C)
     d_qy, d_hin, d_x, carry_h,  # shared scratch [B, Hd], [B, D'], [B, Hd], [B, D] (C): each program its columns
     pgz, pcz, pdq, pdqp, pdc1, pdc2, pdx, pdxp, pdxv,  # private [P, B, ...]: S, S, 2S, Hd, 3D, 3D, Hd, Hd, Hd (C)
     B, T, S, A, D, E, HD, C_W,
-    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, NOISE_Q: tl.constexpr,
-    STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, UPDATE_BIAS: tl.constexpr,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_INIT: tl.constexpr,
+    NOISE_Q: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, UPDATE_BIAS: tl.constexpr,
     COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -582,6 +621,12 @@ def _observe_split_bwd_kernel(
         _linear(cz, S, dxp, HD, HD, dxp, 0, 0, w_in, 1, S + A, S, w_in, rows, rmask,
                 False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
+        if HAS_INIT:  # a reset step's input state is the initial state: its gradient goes there
+            keep_t = _keep_of(first_ptr + t * B, rows, rmask, True, COMPUTE, BLOCK_M)
+            _add_reset(g_iz, cz, S, keep_t, rows, rmask & own, BLOCK_M, BLOCK_N)
+            if HAS_D:
+                _add_reset(g_ih, carry_h, D, keep_t, rows, rmask, BLOCK_M, BLOCK_N, p, P)
+            tl.debug_barrier()
     keep0 = _keep_of(first_ptr, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
     _keep_copy(d_z0, cz, S, keep0, rows, rmask & own, True, BLOCK_M, BLOCK_N)
     if HAS_D:
@@ -663,14 +708,15 @@ def _observe_bwd_kernel(
     z_in, h_in, a_in, x_pre, x_rstd, c_save, c_rstd, p_pre, p_rstd, p_raw, q_pre, q_rstd, q_raw,  # saved
     g_head, g_zp, g_pm, g_ps, g_zq, g_qm, g_qs, g_kl,  # g_head [T, B, D'] from _observe_prior_bwd_kernel; upstream
     d_z0, d_h0,  # out [B, S], [B, D] (C): grads of the state before step 0
+    g_iz, g_ih,  # [B, S], [B, D] (C) zeros (HAS_INIT): += each reset step's input-state gradient, per row
     d_a, d_e,  # out [T, B, A], [T, B, E] (C): grads of a_in (the caller zeroes the reset steps) and of embed
     d_xpre, d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv,  # out [T, B, ...] (C) per-step pre-act grads
     g_h_tot, g_zq_tot, carry_h, carry_z,  # scratch [B, D], [B, S], [B, D], [B, S] (C)
     d_x, d_hin, d_py, d_qy,  # scratch [B, Hd], [B, D'], [B, Hd], [B, Hd] (C)
     B, T, S, A, D, E, HD, C_W,
-    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, NOISE_Q: tl.constexpr,
-    NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr, UPDATE_BIAS: tl.constexpr,
-    COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CELL: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_INIT: tl.constexpr,
+    NOISE_Q: tl.constexpr, NOISE_P: tl.constexpr, STD_MODE: tl.constexpr, MIN_STD: tl.constexpr,
+    UPDATE_BIAS: tl.constexpr, COMPUTE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -715,6 +761,12 @@ def _observe_bwd_kernel(
             COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
         )
         tl.debug_barrier()
+        if HAS_INIT:  # a reset step's input state is the initial state: its gradient goes there
+            keep_t = _keep_of(first_ptr + t * B, rows, rmask, True, COMPUTE, BLOCK_M)
+            _add_reset(g_iz, carry_z, S, keep_t, rows, rmask, BLOCK_M, BLOCK_N)
+            if HAS_D:
+                _add_reset(g_ih, carry_h, D, keep_t, rows, rmask, BLOCK_M, BLOCK_N)
+            tl.debug_barrier()
     keep0 = _keep_of(first_ptr, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
     _keep_copy(d_z0, carry_z, S, keep0, rows, rmask, True, BLOCK_M, BLOCK_N)
     if HAS_D:
@@ -761,12 +813,14 @@ def observe_fwd(
     noise: torch.Tensor | None, prior_noise: torch.Tensor | None, seed: torch.Tensor, w: list[torch.Tensor | None],
     *, cell: int, act: int,
     norm: bool, std_mode: int, min_std: float, eps: float, update_bias: float = -1.0, split: int | None = None,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The fused observe on time-major contiguous inputs: action [T, B, A], embed [T, B, E], first [T, B] int8 or
     None, noise / prior_noise [T, B, S] or None (then seed[0] + t / seed[1] + t), seed [2] int64. Returns the 8
     outputs [T, B, ...] (deter, prior stoch / mean / std, posterior stoch / mean / std, kl) and the 16 saved
     buffers. ``split``: programs per row block of the forward loop (None: :func:`split_programs`; 1: the row
-    split; more: the feature split, whose P programs must run concurrently)."""
+    split; more: the feature split, whose P programs must run concurrently). ``init``: the (stoch [S], deter [D])
+    a reset restores, in z0's dtype (None: zeros)."""
     (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
      w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = w
     t_len, bsz, a_dim = action.shape
@@ -803,19 +857,22 @@ def observe_fwd(
     def p(t: torch.Tensor | None) -> torch.Tensor:
         return x if t is None or t.numel() == 0 else t
 
+    has_init = init is not None and first is not None
+    iz, ih = (p(init[0]), p(init[1])) if has_init else (x, x)
     if n_split > 1:
-        _observe_split_fwd(z0, p(h0), p(first), p(noise), seed, w, outs, saved, n_split, cell=cell, act=act,
-                           norm=norm, std_mode=std_mode, min_std=min_std, eps=eps, update_bias=update_bias)
+        _observe_split_fwd(z0, p(h0), iz, ih, p(first), p(noise), seed, w, outs, saved, n_split, cell=cell, act=act,
+                           norm=norm, std_mode=std_mode, min_std=min_std, eps=eps, update_bias=update_bias,
+                           has_init=has_init)
     else:
         _observe_fwd_kernel[(triton.cdiv(bsz, BLOCK_M),)](
-            z0, p(h0), action, embed, p(first), p(noise), p(prior_noise), seed,
+            z0, p(h0), iz, ih, action, embed, p(first), p(noise), p(prior_noise), seed,
             w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),
             w_p1, p(b_p1), p(nw_p1), p(nb_p1), w_p2, b_p2, w_q1, p(b_q1), p(nw_q1), p(nb_q1), w_q2, b_q2,
             *(p(t) for t in outs), *(p(t) for t in saved),
             bsz, t_len, s, a_dim, d, e_dim, hd, widths[6],
-            CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,
-            NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode, MIN_STD=float(min_std), EPS=float(eps),
-            UPDATE_BIAS=float(update_bias),
+            CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, HAS_INIT=has_init,
+            NOISE_Q=1 if noise is not None else 2, NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode,
+            MIN_STD=float(min_std), EPS=float(eps), UPDATE_BIAS=float(update_bias),
             HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_P1=b_p1 is not None,
             HAS_B_Q1=b_q1 is not None,
             COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N,
@@ -836,12 +893,13 @@ def observe_fwd(
 
 
 def _observe_split_fwd(
-    z0: torch.Tensor, h0: torch.Tensor, first: torch.Tensor, noise: torch.Tensor, seed: torch.Tensor,
-    w: list[torch.Tensor | None], outs: tuple[torch.Tensor, ...], saved: tuple[torch.Tensor, ...], n_split: int, *,
-    cell: int, act: int, norm: bool, std_mode: int, min_std: float, eps: float, update_bias: float,
+    z0: torch.Tensor, h0: torch.Tensor, iz: torch.Tensor, ih: torch.Tensor, first: torch.Tensor, noise: torch.Tensor,
+    seed: torch.Tensor, w: list[torch.Tensor | None], outs: tuple[torch.Tensor, ...], saved: tuple[torch.Tensor, ...],
+    n_split: int, *, cell: int, act: int, norm: bool, std_mode: int, min_std: float, eps: float, update_bias: float,
+    has_init: bool,
 ) -> None:
     """Launch _observe_split_fwd_kernel: grid [row blocks, n_split]; writes the loop's outputs and saved buffers as
-    the row-split loop does (``first`` / ``noise`` / ``h0``: z0 stands for an absent one)."""
+    the row-split loop does (``first`` / ``noise`` / ``h0`` / ``iz`` / ``ih``: z0 stands for an absent one)."""
     (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, _, _, _, _, _, _,
      w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = w
     t_len, bsz, a_dim = saved[2].shape
@@ -865,7 +923,7 @@ def _observe_split_fwd(
         return like if t is None or t.numel() == 0 else t
 
     _observe_split_fwd_kernel[(n_rb, n_split)](
-        z0, h0, first, noise, seed,
+        z0, h0, iz, ih, first, noise, seed,
         w_in, p(b_in), p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(b_c1), p(b_c2), p(nw_c), p(nb_c),
         w_q1, p(b_q1), p(nw_q1), p(nb_q1), w_q2, b_q2,
         p(outs[0]), outs[4], outs[5], outs[6],
@@ -873,8 +931,9 @@ def _observe_split_fwd(
         p(q_rstd, part), q_y, q_raw,
         count, part, stats, *private,
         bsz, t_len, s, a_dim, d, e_dim, hd, c_save.shape[-1] if c_save.dim() == 3 else 0,
-        CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not z0, NOISE_Q=1 if noise is not z0 else 2,
-        STD_MODE=std_mode, MIN_STD=float(min_std), EPS=float(eps), UPDATE_BIAS=float(update_bias),
+        CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not z0, HAS_INIT=has_init,
+        NOISE_Q=1 if noise is not z0 else 2, STD_MODE=std_mode, MIN_STD=float(min_std), EPS=float(eps),
+        UPDATE_BIAS=float(update_bias),
         HAS_B_IN=b_in is not None, HAS_B_C1=b_c1 is not None, HAS_B_C2=b_c2 is not None, HAS_B_Q1=b_q1 is not None,
         COMPUTE=_compute_dtype(dt), PREC=_prec(dt, z0.device), BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N,
         BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), BLOCK_S2=max(16, triton.next_power_of_2(2 * s)),
@@ -887,12 +946,14 @@ def observe_bwd(
     prior_noise: torch.Tensor | None, seed: torch.Tensor, w: list[torch.Tensor | None],
     saved: tuple[torch.Tensor, ...],
     grads: tuple[torch.Tensor, ...], *, cell: int, act: int, norm: bool, std_mode: int, min_std: float,
-    update_bias: float = -1.0, split: int | None = None,
+    update_bias: float = -1.0, split: int | None = None, init: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The reverse-time backward of :func:`observe_fwd`. ``grads``: the upstream grads of the 8 outputs, contiguous
-    time-major (zeros where none flowed). Returns (d_z0, d_h0, d_a [T, B, A] (before the reset mask), d_e, d_xpre,
-    d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv), all in the compute dtype. ``split``: programs
-    per row block of the reverse loop, as in :func:`observe_fwd`."""
+    time-major (zeros where none flowed). Returns (d_z0, d_h0, d_a [T, B, A] (before the reset mask), d_e, d_iz
+    [S], d_ih [D], d_xpre, d_xv, d_c1, d_c2, d_praw, d_ppre, d_pv, d_qraw, d_qpre, d_qv), all in the compute dtype.
+    d_iz, d_ih: the gradients of the initial state a reset restores, summed over every reset (t, b) (with ``init``
+    and ``first``: the forward's ``init``; else empty). ``split``: programs per row block of the reverse loop, as in
+    :func:`observe_fwd`."""
     (w_in, b_in, nw_in, nb_in, w_c1, w_c2, b_c1, b_c2, nw_c, nb_c, w_p1, b_p1, nw_p1, nb_p1, w_p2, b_p2,
      w_q1, b_q1, nw_q1, nb_q1, w_q2, b_q2) = w
     t_len, bsz, e_dim = embed.shape
@@ -907,6 +968,10 @@ def observe_bwd(
 
     d_z0, d_h0 = buf((bsz, s)), buf((bsz, d), cell != 2)
     d_a, d_e = buf((t_len, bsz, a_dim)), buf((t_len, bsz, e_dim))
+    has_init = init and first is not None
+    # per row, summed over the rows after the loop (deterministic: each program adds its own rows in time order)
+    g_iz = torch.zeros((bsz, s) if has_init else (0,), device=z0.device, dtype=cdt)
+    g_ih = torch.zeros((bsz, d) if has_init and cell != 2 else (0,), device=z0.device, dtype=cdt)
     per_step = (buf((t_len, bsz, hd)), buf((t_len, bsz, hd), norm), buf((t_len, bsz, 3 * d), cell != 2),
                 buf((t_len, bsz, 3 * d), cell != 2), buf((t_len, bsz, 2 * s)), buf((t_len, bsz, hd)),
                 buf((t_len, bsz, hd), norm), buf((t_len, bsz, 2 * s)), buf((t_len, bsz, hd)),
@@ -936,10 +1001,10 @@ def observe_bwd(
         )
         del d_py
         if n_split > 1:
-            _observe_split_bwd(z0, first, noise, seed, w, saved, grads, g_head, d_qkl, d_z0, d_h0, per_step, n_split,
-                               cell=cell, act=act, norm=norm, std_mode=std_mode, min_std=min_std,
-                               update_bias=update_bias)
-            return _hoisted_input_grads(w, s, d_z0, d_h0, d_a, d_e, per_step, cell)
+            _observe_split_bwd(z0, first, noise, seed, w, saved, grads, g_head, d_qkl, d_z0, d_h0, g_iz, g_ih,
+                               per_step, n_split, cell=cell, act=act, norm=norm, std_mode=std_mode, min_std=min_std,
+                               update_bias=update_bias, has_init=has_init)
+            return _hoisted_input_grads(w, s, d_z0, d_h0, d_a, d_e, g_iz, g_ih, per_step, cell)
         d_qy = buf((bsz, hd))
         # scratch; the loop's d_py (the prior head's, unused there) shares d_qy
         scratch = (buf((bsz, d), cell != 2), buf((bsz, s)), buf((bsz, d), cell != 2), buf((bsz, s)),
@@ -951,40 +1016,48 @@ def observe_bwd(
             z_in, p(h_in), a_in, x_pre, p(x_rstd), p(c_save), p(c_rstd), p_pre, p(p_rstd), p_raw, q_pre, p(q_rstd),
             q_raw,
             g_head, *(p(g) for g in grads[1:]),
-            d_z0, p(d_h0), d_a, d_e, *(p(t) for t in per_step), *(p(t) for t in scratch),
+            d_z0, p(d_h0), p(g_iz), p(g_ih), d_a, d_e, *(p(t) for t in per_step), *(p(t) for t in scratch),
             bsz, t_len, s, a_dim, d, e_dim, hd, widths[6],
-            CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,
+            CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, HAS_INIT=has_init,
+            NOISE_Q=1 if noise is not None else 2,
             NOISE_P=1 if prior_noise is not None else 2, STD_MODE=std_mode, MIN_STD=float(min_std),
             UPDATE_BIAS=float(update_bias),
             COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M,
             BLOCK_N=LOOP_BLOCK_N, BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
         )
-        return _hoisted_input_grads(w, s, d_z0, d_h0, d_a, d_e, per_step, cell)
-    return (d_z0, d_h0, d_a, d_e) + per_step
+        return _hoisted_input_grads(w, s, d_z0, d_h0, d_a, d_e, g_iz, g_ih, per_step, cell)
+    return (d_z0, d_h0, d_a, d_e, _row_sum(g_iz), _row_sum(g_ih)) + per_step
+
+
+def _row_sum(g: torch.Tensor) -> torch.Tensor:
+    # the initial state's gradient [N] from its per-row shares [B, N]; an absent one (shape [0]) stays as it is
+    return g.sum(0) if g.dim() == 2 else g
 
 
 def _hoisted_input_grads(w: list[torch.Tensor | None], s: int, d_z0: torch.Tensor, d_h0: torch.Tensor,
-                         d_a: torch.Tensor, d_e: torch.Tensor, per_step: tuple[torch.Tensor, ...],
-                         cell: int) -> tuple[torch.Tensor, ...]:
+                         d_a: torch.Tensor, d_e: torch.Tensor, g_iz: torch.Tensor, g_ih: torch.Tensor,
+                         per_step: tuple[torch.Tensor, ...], cell: int) -> tuple[torch.Tensor, ...]:
     """The input gradients of the hoisted products, one product each over all T x B rows (the action's from d
-    x_pre, the embedding's from d q_pre); returns observe_bwd's result."""
+    x_pre, the embedding's from d q_pre), and the initial state's, summed over the rows; returns observe_bwd's
+    result."""
     w_in, w_q1 = w[0], w[16]
     hd, cdt = w_in.shape[0], d_a.dtype
     dh_in = hd if cell == 2 else w_q1.shape[1] - d_e.shape[2]
     torch.matmul(per_step[0].view(-1, hd), w_in[:, s:].to(cdt), out=d_a.view(-1, d_a.shape[2]))
     torch.matmul(per_step[8].view(-1, hd), w_q1[:, dh_in:].to(cdt), out=d_e.view(-1, d_e.shape[2]))
-    return (d_z0, d_h0, d_a, d_e) + per_step
+    return (d_z0, d_h0, d_a, d_e, _row_sum(g_iz), _row_sum(g_ih)) + per_step
 
 
 def _observe_split_bwd(
     z0: torch.Tensor, first: torch.Tensor | None, noise: torch.Tensor | None, seed: torch.Tensor,
     w: list[torch.Tensor | None], saved: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...],
-    g_head: torch.Tensor, d_qkl: torch.Tensor, d_z0: torch.Tensor, d_h0: torch.Tensor,
-    per_step: tuple[torch.Tensor, ...], n_split: int, *, cell: int, act: int, norm: bool, std_mode: int,
-    min_std: float, update_bias: float,
+    g_head: torch.Tensor, d_qkl: torch.Tensor, d_z0: torch.Tensor, d_h0: torch.Tensor, g_iz: torch.Tensor,
+    g_ih: torch.Tensor, per_step: tuple[torch.Tensor, ...], n_split: int, *, cell: int, act: int, norm: bool,
+    std_mode: int, min_std: float, update_bias: float, has_init: bool,
 ) -> None:
-    """Launch _observe_split_bwd_kernel: grid [row blocks, n_split]; writes d_z0, d_h0 and the per-step
-    pre-activation gradients as the row-split reverse loop does."""
+    """Launch _observe_split_bwd_kernel: grid [row blocks, n_split]; writes d_z0, d_h0, the initial state's
+    per-row gradients g_iz, g_ih (``has_init``) and the per-step pre-activation gradients as the row-split reverse
+    loop does."""
     (w_in, _, nw_in, nb_in, w_c1, w_c2, _, _, nw_c, nb_c, _, _, _, _, _, _, w_q1, _, nw_q1, nb_q1, w_q2, _) = w
     (_, h_in, _, x_pre, x_rstd, _, c_save, c_rstd, _, _, _, _, q_pre, q_rstd, _, q_raw) = saved
     t_len, bsz, hd = x_pre.shape
@@ -1011,12 +1084,12 @@ def _observe_split_bwd(
         w_in, p(nw_in), p(nb_in), p(w_c1), p(w_c2), p(nw_c), p(nb_c), w_q1, p(nw_q1), p(nb_q1), w_q2,
         p(h_in), x_pre, p(x_rstd), p(c_save), p(c_rstd), q_pre, p(q_rstd), q_raw,
         g_head, grads[4], grads[5], grads[6], d_qkl,
-        d_z0, p(d_h0), d_xpre, p(d_xv), p(d_c1), p(d_c2), d_qraw, d_qpre, p(d_qv),
+        d_z0, p(d_h0), p(g_iz), p(g_ih), d_xpre, p(d_xv), p(d_c1), p(d_c2), d_qraw, d_qpre, p(d_qv),
         count, scratch(n_split, bsz, 3), *shared, *private,
         bsz, t_len, s, a_dim, d, e_dim, hd, c_save.shape[-1] if c_save.dim() == 3 else 0,
-        CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, NOISE_Q=1 if noise is not None else 2,
-        STD_MODE=std_mode, MIN_STD=float(min_std), UPDATE_BIAS=float(update_bias),
-        COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M,
-        BLOCK_N=LOOP_BLOCK_N, BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
+        CELL=cell, ACT=act, NORM=norm, HAS_FIRST=first is not None, HAS_INIT=has_init,
+        NOISE_Q=1 if noise is not None else 2, STD_MODE=std_mode, MIN_STD=float(min_std),
+        UPDATE_BIAS=float(update_bias), COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device),
+        BLOCK_M=BLOCK_M, BLOCK_N=LOOP_BLOCK_N, BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
         launch_cooperative_grid=True,
     )

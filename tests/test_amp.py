@@ -116,10 +116,11 @@ def autocast_off_inside(monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-after", "backward-inside"])
-@pytest.mark.parametrize("cell", CELLS)
-def test_observe_under_autocast_is_the_cast_model(cell, backward_inside, case, device, autocast_off_inside):
+@pytest.mark.parametrize("cell,initial", [(c, "zeros") for c in CELLS] + [("layernorm_gru", "learned")],
+                         ids=CELLS + ["layernorm_gru-learned"])
+def test_observe_under_autocast_is_the_cast_model(cell, initial, backward_inside, case, device, autocast_off_inside):
     backend, dtype = case
-    m = _model(cell, device)
+    m = _model(cell, device, initial=initial)
     mh = _half(m, dtype)
     embed = _randn(B, T, E, device=device, seed=1).requires_grad_()
     action = _randn(B, T, A, device=device, seed=2).to(dtype)  # inputs may come in either dtype
@@ -435,6 +436,29 @@ def test_autocast_dtype_errors_name_the_argument(device):
     with pytest.raises(TypeError, match=r"action must have the RSSM parameters' dtype torch.float32, got "
                                         r"torch.bfloat16$"):
         m.observe(embed, action.bfloat16())
+
+
+def test_value_checks_catch_a_weight_past_float16s_range_under_autocast(device):
+    """A float32 weight of 1e5 is finite, but autocast's float16 copy, which the step reads, is infinite: with
+    set_validate_args on, the cast copy is checked and named; outside autocast the same model passes."""
+    m = _model("gru", device)
+    with torch.no_grad():
+        m.post1.weight[0, 0] = 1e5
+    embed, action = torch.zeros(B, T, E, device=device), torch.zeros(B, T, A, device=device)
+    fastwm.set_validate_args(True)
+    try:
+        with torch.no_grad():
+            m.observe(embed, action)  # float32: finite
+            with torch.autocast(device.type, dtype=torch.float16):
+                with pytest.raises(ValueError, match=r"^RSSM parameter post1.weight \(cast to torch.float16 by "
+                                                     r"autocast\) must be finite"):
+                    m.observe(embed, action)
+                with pytest.raises(ValueError, match=r"^RSSM parameter post1.weight \(cast to torch.float16"):
+                    m.imagine(action, m.initial(B))
+            with torch.autocast(device.type, dtype=torch.bfloat16):  # within bfloat16's range
+                m.observe(embed, action)
+    finally:
+        fastwm.set_validate_args(False)
 
 
 def test_fullgraph_compile_under_autocast(device):

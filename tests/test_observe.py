@@ -27,7 +27,11 @@ CONFIG_IDS = ["gru", "lngru-norm-silu", "none", "gru-norm-silu"]
 
 def _model(device, dtype, **kw) -> fastwm.RSSM:
     torch.manual_seed(0)
-    return fastwm.RSSM(3, 9, **{"stoch": 5, "deter": 11, "hidden": 13, **kw}).to(device=device, dtype=dtype)
+    m = fastwm.RSSM(3, 9, **{"stoch": 5, "deter": 11, "hidden": 13, **kw})
+    if m.initial_deter is not None:  # away from its zero start, so that tanh and its gradient are not trivial
+        with torch.no_grad():
+            m.initial_deter.normal_()
+    return m.to(device=device, dtype=dtype)
 
 
 def _randn(shape, g, device, dtype):
@@ -88,6 +92,42 @@ def test_observe_matches_float64_reference(device, dtype, cfg, recompute, poison
     for i, (name, a, e) in enumerate(zip(OUT_NAMES, outs, outs64)):
         assert_close(a, e, dtype, name, None if eager is None else eager[0][i])
     for i, (name, a, e) in enumerate(zip(_names(m), grads, grads64)):
+        assert_close(a, e, dtype, f"d {name}", None if eager is None else eager[1][i])
+
+
+LEARNED = [{**CONFIGS[1], "initial": "learned"}, {**CONFIGS[3], "initial": "learned"}]
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+@pytest.mark.parametrize("cfg", LEARNED, ids=["lngru-norm-silu", "gru-norm-silu"])
+def test_observe_resets_to_the_learned_initial_state_in_the_time_loop(device, dtype, cfg, recompute, poison,
+                                                                      monkeypatch):
+    """initial="learned" with resets at step 0 and in mid-sequence: the time loop restores the learned state
+    (deter tanh(W), stoch the prior's mean from it) and sends every reset step's input-state gradient to it; against
+    the float64 reference loop, every output and gradient, initial_deter's included. The per-step kernels must not
+    run (they were the fallback)."""
+    m = _model(device, dtype, **cfg)
+    m64 = copy.deepcopy(m).double()
+    b, t = 19, 4
+    start, embed, action, first, noise, prior_noise = _inputs(m, b, t, seed=5)
+
+    def no_steps(*args, **kwargs):
+        raise AssertionError("observe fell back to the per-step kernels")
+
+    monkeypatch.setattr(m, "_observe_steps", no_steps)
+    outs, grads = _run(m, "triton", start, embed, action, first, noise, prior_noise, recompute=recompute)
+    as64 = [x.double() for x in (embed, action, noise, prior_noise)]
+    outs64, grads64 = _run(m64, "reference", fastwm.State(*(x.double() for x in start)), as64[0], as64[1], first,
+                           as64[2], as64[3])
+    names = _names(m)
+    assert grads64[names.index("initial_deter")].abs().min() > 0  # every feature reached through the resets
+    eager = None
+    if dtype in (torch.bfloat16, torch.float16):
+        monkeypatch.undo()
+        eager = _run(m, "reference", start, embed, action, first, noise, prior_noise)
+    for i, (name, a, e) in enumerate(zip(OUT_NAMES, outs, outs64)):
+        assert_close(a, e, dtype, name, None if eager is None else eager[0][i])
+    for i, (name, a, e) in enumerate(zip(names, grads, grads64)):
         assert_close(a, e, dtype, f"d {name}", None if eager is None else eager[1][i])
 
 
@@ -192,9 +232,10 @@ def test_observe_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
-def test_observe_op_compiles_fullgraph(device):
+@pytest.mark.parametrize("initial", ["zeros", "learned"])
+def test_observe_op_compiles_fullgraph(device, initial):
     torch._dynamo.reset()
-    m = _model(device, torch.float32)
+    m = _model(device, torch.float32, initial=initial)
     start, embed, action, first, noise, prior_noise = _inputs(m, 5, 2, seed=7)
 
     def loss_fn(embed, action):
@@ -209,6 +250,29 @@ def test_observe_op_compiles_fullgraph(device):
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("initial", ["zeros", "learned"])
+def test_opcheck_observe(device, initial):
+    """torch.library.opcheck of fastwm::rssm_observe (schema, fake tensors, autograd registration, AOT dispatch),
+    with resets, and with the learned initial state as the op's two optional inputs."""
+    from fastwm.step_ops import _ACT_IDS, _CELL_IDS, _STD_IDS
+
+    m = _model(device, torch.float32, cell="layernorm_gru", act="silu", norm=True, initial=initial)
+    start, embed, action, first, noise, prior_noise = _inputs(m, 6, 3, seed=4)
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().contiguous().requires_grad_()
+
+    weights = [start.stoch.new_empty(0) if t is None else leaf(t) for t in m.weights()]
+    learned = m._learned_initial(None)
+    init = (None, None) if learned is None else tuple(leaf(t) for t in learned)
+    seed = torch.tensor([3, 4], dtype=torch.int64, device=start.stoch.device)
+    cfg = m.config
+    args = (leaf(start.stoch), leaf(start.deter), leaf(action.transpose(0, 1)), leaf(embed.transpose(0, 1)),
+            first.transpose(0, 1).to(torch.int8).contiguous(), *init, None, None, seed, weights, _CELL_IDS[cfg.cell],
+            _ACT_IDS[cfg.act], bool(cfg.norm), _STD_IDS[cfg.std_mode], float(cfg.min_std), float(cfg.eps), False)
+    torch.library.opcheck(torch.ops.fastwm.rssm_observe.default, args)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
@@ -241,9 +305,9 @@ def test_observe_recompute_must_be_a_bool(device):
 # 70 (5), so that with P = 4 some programs own no feature of the cell.
 
 SPLIT_CASES = [(2, CONFIGS[0], False), (4, CONFIGS[1], False), (3, CONFIGS[2], False), (4, CONFIGS[3], False),
-               (2, CONFIGS[1], True)]
+               (2, CONFIGS[1], True), (3, LEARNED[0], False), (2, {**CONFIGS[0], "initial": "learned"}, True)]
 SPLIT_IDS = [f"P{p}-{i}{'-recompute' if r else ''}"
-             for (p, _, r), i in zip(SPLIT_CASES, CONFIG_IDS + [CONFIG_IDS[1]])]
+             for (p, _, r), i in zip(SPLIT_CASES, CONFIG_IDS + [CONFIG_IDS[1], "lngru-learned", "gru-learned"])]
 
 
 @pytest.fixture
