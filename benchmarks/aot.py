@@ -261,6 +261,13 @@ def _scenarios(dtypes: tuple[str, ...], cells: tuple[str, ...],
         with _feature_split(8):  # the forward and reverse loops with their features split
             post, prior, kl = m.observe(emb, act, first, return_kl=True)
             (post.stoch.sum() + prior.mean.sum() + kl.sum()).backward()
+        if cell != "none":  # both loops with resets to a learned initial state
+            ml = fastwm.RSSM(6, 96, stoch=stoch, deter=deter, hidden=hidden, cell=cell, norm=cell == "layernorm_gru",
+                             initial="learned", dtype=dt)
+            for split in (1, 8):
+                with _feature_split(split):
+                    post, prior, kl = ml.observe(emb, act, first, return_kl=True)
+                    (post.stoch.sum() + kl.sum()).backward()
         state = m.initial(b)
         post1, prior1 = m.obs_step(state, act[:, 0], emb[:, 0])
         (post1.stoch.sum() + prior1.std.sum()).backward()
