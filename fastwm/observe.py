@@ -62,15 +62,21 @@ def _observe_op(stoch0, deter0, action, embed, first, init_stoch, init_deter, no
         None if first is None else first.contiguous(), None if noise is None else noise.contiguous(),
         None if prior_noise is None else prior_noise.contiguous(), seed,
         [_present(w) for w in weights], cell=cell, act=act, norm=norm, std_mode=std_mode, min_std=min_std, eps=eps,
-        update_bias=_UPDATE_BIAS, init=_init(init_stoch, init_deter),
+        update_bias=_UPDATE_BIAS, init=_init(init_stoch, init_deter, cell),
     )
 
 
-def _init(init_stoch: Tensor | None, init_deter: Tensor | None) -> tuple[Tensor, Tensor] | None:
+def _init(init_stoch: Tensor | None, init_deter: Tensor | None, cell: int) -> tuple[Tensor, Tensor] | None:
     # the initial state a reset restores, as the kernels take it (None: zeros); cell "none" has no deter
     if init_stoch is None:
+        if init_deter is not None:
+            raise ValueError("rssm_observe: init_deter was given without init_stoch (give both, or neither for zeros)")
         return None
-    return init_stoch.contiguous(), init_stoch.new_empty(0) if init_deter is None else init_deter.contiguous()
+    if cell == 2:
+        return init_stoch.contiguous(), init_stoch.new_empty(0)
+    if init_deter is None:
+        raise ValueError("rssm_observe: init_stoch needs init_deter: this cell has a deterministic state to reset")
+    return init_stoch.contiguous(), init_deter.contiguous()
 
 
 def _saved_shapes(t_len: int, b: int, cell: int, norm: bool, s: int, a: int, d: int, hd: int) -> list[tuple]:

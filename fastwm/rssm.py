@@ -251,9 +251,12 @@ class RSSM(nn.Module):
         return autocast_dtype(self._like())
 
     def initial(self, batch_size: int) -> State:
-        """The initial state: zeros for deter, stoch and mean, ones for std (TorchRL's and Dreamer V1's zero state).
-        ``batch_size`` 0 gives empty [0, ...] fields. In the parameters' dtype, autocast or not (the steps take it
-        under autocast too)."""
+        """The initial state: for initial="zeros" zeros for deter, stoch and mean, ones for std (TorchRL's and
+        Dreamer V1's zero state); for "learned" deter = tanh(``initial_deter``) and stoch the prior's mean read from
+        it (mean 0, std 1). ``batch_size`` 0 gives empty [0, ...] fields. In the parameters' dtype, autocast or not
+        (the steps take it under autocast too). Under autocast, :meth:`observe`'s start when no state is given and
+        its resets use the learned state computed in the autocast dtype from the weights cast to it: this method's
+        result for the model converted to that dtype, which differs from this one by that dtype's rounding."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
         return self._initial(batch_size, None)
@@ -324,14 +327,15 @@ class RSSM(nn.Module):
     def _check_values(self, finite: dict[str, Tensor | None]) -> None:
         """Value checks of ``finite`` and of every parameter, in one host sync (when set_validate_args is on): a NaN
         input or weight is named, not propagated. Under autocast also each parameter as the step reads it, cast to
-        the autocast dtype: a float32 weight past float16's range (65504) turns infinite there."""
+        the autocast dtype: a float32 weight past float16's range (65504) turns infinite there. The parameters come
+        first: a bad weight is named, not the learned initial state computed from it."""
         if get_validate_args():
             amp = self._amp()
             params = {f"RSSM parameter {n}": p.detach() for n, p in self.named_parameters()}
             if amp is not None:
                 params.update({f"RSSM parameter {n} (cast to {amp} by autocast)": cast(p.detach(), amp)
                                for n, p in self.named_parameters()})
-            check_values({**finite, **params})
+            check_values({**params, **finite})
 
     def _check_input(self, name: str, t: object, width: int, lead: tuple[int, ...],
                      amp: torch.dtype | None = None) -> Tensor:
@@ -431,7 +435,8 @@ class RSSM(nn.Module):
         """Filter a sequence: embed [B, T, E], action [B, T, A] -> (post, prior), States with [B, T, ...] fields.
 
         ``is_first`` [B, T] (bool) resets a row to :meth:`initial` before step t and zeroes its action there, as
-        dreamerv3-torch does; ``state`` is the state before step 0 (:meth:`initial` when None); ``noise``
+        dreamerv3-torch does; ``state`` is the state before step 0 (:meth:`initial` when None; under autocast, for
+        both, the learned state computed in the autocast dtype: see :meth:`initial`); ``noise``
         [B, T, S] is the posterior's noise and ``prior_noise`` the prior samples' (drawn when None). With
         ``return_kl``, also KL(post || prior) [B, T].
 

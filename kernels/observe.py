@@ -84,6 +84,13 @@ LOOP_BLOCK_N, LOOP_BLOCK_K = 32, 16
 
 N_SAVED = 16  # z_in, h_in, a_in and the 13 buffers of the step
 
+# The register ceiling of the row-split reverse loop (None: ptxas's own choice; see MAXNREG in kernels/rssm.py).
+# Compiled for sm_90 (fp32 and bf16, GRU and LayerNorm GRU, 30/200/200 and 32/512/512, resets to zeros and to a
+# learned initial state): 255 spills no less anywhere and more in one case (the fp32 LayerNorm GRU at 30/200/200 with
+# zeros: 200 bytes of stack per thread against 136); without it every variant but the LayerNorm GRU at 30/200/200
+# (136-240 bytes fp32, 104-144 bf16) keeps to the 32 bytes of a Philox draw. Not timed on a GPU.
+BWD_LOOP_MAXNREG: int | None = None
+
 # The feature split of both loops (_observe_split_fwd_kernel, _observe_split_bwd_kernel): at most this many
 # programs per row block, and only where row blocks x programs fit the SM count. 0 keeps the row-split loops
 # everywhere: the default until the split is timed on a GPU (benchmarks.tune compares both).
@@ -146,17 +153,22 @@ def _add_reset(acc_ptr, src_ptr, N, keep, rows, rmask, BLOCK_M: tl.constexpr, BL
 
 
 @triton.jit
-def _add_keep(dst_ptr, a_ptr, b_ptr, N, keep, rows, rmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0,
-              nb_step=1):
-    # dst = a + keep[:, None] * b over rows [rows] of length N (a: upstream grads, b: the carried gradient), column
-    # blocks nb0, nb0 + nb_step, ...
+def _add_keep(dst_ptr, a_ptr, b_ptr, N, keep, rows, rmask, acc_ptr, amask, HAS_ACC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, nb0=0, nb_step=1):
+    # dst = a + keep[:, None] * b over rows [rows] of length N (a: upstream grads, b: the carried gradient, the next
+    # step's input-state gradient), column blocks nb0, nb0 + nb_step, ...; with HAS_ACC also what a reset sends to
+    # the initial state: acc += b where not keep (rows amask), from the same loads.
     for nb in range(nb0, tl.cdiv(N, BLOCK_N), nb_step):
         cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         offs = rows[:, None] * N + cols[None, :]
         mask = rmask[:, None] & (cols < N)[None, :]
-        v = tl.load(a_ptr + offs, mask=mask, other=0.0).to(keep.dtype) + \
-            keep[:, None] * tl.load(b_ptr + offs, mask=mask, other=0.0).to(keep.dtype)
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(keep.dtype)
+        v = tl.load(a_ptr + offs, mask=mask, other=0.0).to(keep.dtype) + keep[:, None] * b
         tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=mask)
+        if HAS_ACC:
+            am = amask[:, None] & (cols < N)[None, :]
+            acc = tl.load(acc_ptr + offs, mask=am, other=0.0) + tl.where(keep[:, None] != 0, 0.0, b)
+            tl.store(acc_ptr + offs, acc, mask=am)
 
 
 @triton.jit
@@ -536,9 +548,12 @@ def _observe_split_bwd_kernel(
             _keep_copy(d_hin, g_head + t * B * DH, DH, ones, rows, rmask, True, BLOCK_M, BLOCK_N, False, p, P)
         else:
             keep_next = _keep_of(first_ptr + (t + 1) * B, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
-            _add_keep(gz, g_zq + t * B * S, cz, S, keep_next, rows, rmask, BLOCK_M, BLOCK_N)
+            # (and with HAS_INIT, where step t + 1 was reset, that gradient to the initial state instead)
+            _add_keep(gz, g_zq + t * B * S, cz, S, keep_next, rows, rmask, g_iz, rmask & own, HAS_INIT, BLOCK_M,
+                      BLOCK_N)
             if HAS_D:
-                _add_keep(d_hin, g_head + t * B * D, carry_h, D, keep_next, rows, rmask, BLOCK_M, BLOCK_N, p, P)
+                _add_keep(d_hin, g_head + t * B * D, carry_h, D, keep_next, rows, rmask, g_ih, rmask, HAS_INIT,
+                          BLOCK_M, BLOCK_N, p, P)
             else:
                 _keep_copy(d_hin, g_head + t * B * HD, HD, ones, rows, rmask, True, BLOCK_M, BLOCK_N, False, p, P)
         # the posterior sample's backward, whole in every program: d q_raw = the KL's + the sample's
@@ -621,16 +636,14 @@ def _observe_split_bwd_kernel(
         _linear(cz, S, dxp, HD, HD, dxp, 0, 0, w_in, 1, S + A, S, w_in, rows, rmask,
                 False, False, False, COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
-        if HAS_INIT:  # a reset step's input state is the initial state: its gradient goes there
-            keep_t = _keep_of(first_ptr + t * B, rows, rmask, True, COMPUTE, BLOCK_M)
-            _add_reset(g_iz, cz, S, keep_t, rows, rmask & own, BLOCK_M, BLOCK_N)
-            if HAS_D:
-                _add_reset(g_ih, carry_h, D, keep_t, rows, rmask, BLOCK_M, BLOCK_N, p, P)
-            tl.debug_barrier()
     keep0 = _keep_of(first_ptr, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
     _keep_copy(d_z0, cz, S, keep0, rows, rmask & own, True, BLOCK_M, BLOCK_N)
     if HAS_D:
         _keep_copy(d_h0, carry_h, D, keep0, rows, rmask, True, BLOCK_M, BLOCK_N, False, p, P)
+    if HAS_INIT:  # step 0 reset: its input-state gradient goes to the initial state
+        _add_reset(g_iz, cz, S, keep0, rows, rmask & own, BLOCK_M, BLOCK_N)
+        if HAS_D:
+            _add_reset(g_ih, carry_h, D, keep0, rows, rmask, BLOCK_M, BLOCK_N, p, P)
 
 
 @triton.jit
@@ -735,9 +748,12 @@ def _observe_bwd_kernel(
             _keep_copy(g_zq_tot, g_zq + t * B * S, S, ones, rows, rmask, True, BLOCK_M, BLOCK_N)
         else:
             keep_next = _keep_of(first_ptr + (t + 1) * B, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
+            # (and with HAS_INIT, where step t + 1 was reset, that gradient to the initial state instead)
             if HAS_D:
-                _add_keep(g_h_tot, g_head + t * B * D, carry_h, D, keep_next, rows, rmask, BLOCK_M, BLOCK_N)
-            _add_keep(g_zq_tot, g_zq + t * B * S, carry_z, S, keep_next, rows, rmask, BLOCK_M, BLOCK_N)
+                _add_keep(g_h_tot, g_head + t * B * D, carry_h, D, keep_next, rows, rmask, g_ih, rmask, HAS_INIT,
+                          BLOCK_M, BLOCK_N)
+            _add_keep(g_zq_tot, g_zq + t * B * S, carry_z, S, keep_next, rows, rmask, g_iz, rmask, HAS_INIT, BLOCK_M,
+                      BLOCK_N)
         tl.debug_barrier()
         if HAS_D:
             g_h = g_h_tot
@@ -761,16 +777,14 @@ def _observe_bwd_kernel(
             COMPUTE, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_S,
         )
         tl.debug_barrier()
-        if HAS_INIT:  # a reset step's input state is the initial state: its gradient goes there
-            keep_t = _keep_of(first_ptr + t * B, rows, rmask, True, COMPUTE, BLOCK_M)
-            _add_reset(g_iz, carry_z, S, keep_t, rows, rmask, BLOCK_M, BLOCK_N)
-            if HAS_D:
-                _add_reset(g_ih, carry_h, D, keep_t, rows, rmask, BLOCK_M, BLOCK_N)
-            tl.debug_barrier()
     keep0 = _keep_of(first_ptr, rows, rmask, HAS_FIRST, COMPUTE, BLOCK_M)
     _keep_copy(d_z0, carry_z, S, keep0, rows, rmask, True, BLOCK_M, BLOCK_N)
     if HAS_D:
         _keep_copy(d_h0, carry_h, D, keep0, rows, rmask, True, BLOCK_M, BLOCK_N)
+    if HAS_INIT:  # step 0 reset: its input-state gradient goes to the initial state
+        _add_reset(g_iz, carry_z, S, keep0, rows, rmask, BLOCK_M, BLOCK_N)
+        if HAS_D:
+            _add_reset(g_ih, carry_h, D, keep0, rows, rmask, BLOCK_M, BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1024,9 +1038,11 @@ def observe_bwd(
             UPDATE_BIAS=float(update_bias),
             COMPUTE=_compute_dtype(z0.dtype), PREC=_prec(z0.dtype, z0.device), BLOCK_M=BLOCK_M,
             BLOCK_N=LOOP_BLOCK_N, BLOCK_K=LOOP_BLOCK_K, BLOCK_S=_block_s(s), num_warps=NUM_WARPS_STEP,
+            maxnreg=BWD_LOOP_MAXNREG,
         )
         return _hoisted_input_grads(w, s, d_z0, d_h0, d_a, d_e, g_iz, g_ih, per_step, cell)
-    return (d_z0, d_h0, d_a, d_e, _row_sum(g_iz), _row_sum(g_ih)) + per_step
+    # T = 0: the state before step 0 reaches no output (B = 0: nothing to write)
+    return (d_z0.zero_(), d_h0.zero_(), d_a, d_e, _row_sum(g_iz), _row_sum(g_ih)) + per_step
 
 
 def _row_sum(g: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,9 @@ from triton.runtime import interpreter as _interp
 
 _local = threading.local()
 _cancelled = threading.Event()  # set when a launch timed out: its programs stop at their next atomic
+# The interpreter rewrites each @triton.jit function called from a kernel on its first call and caches the result;
+# two programs reaching a function first at once raced there (a KeyError naming the function). One at a time.
+_rewrite_lock = threading.RLock()
 
 
 def _run_concurrently(self: _interp.GridExecutor, *args_dev, timeout_s: float, **kwargs) -> None:
@@ -72,6 +75,11 @@ def concurrent_programs(timeout_s: float = 600.0) -> Iterator[None]:
     """Run every Triton launch inside the block with its programs concurrent (TRITON_INTERPRET=1 only)."""
     builder = _interp.InterpreterBuilder
     saved = builder.create_get_program_id, builder.create_atomic_rmw, _interp.GridExecutor.__call__
+    saved_rewrite = _interp.InterpretedFunction.rewrite
+
+    def rewrite(self):
+        with _rewrite_lock:
+            return saved_rewrite(self)
 
     def create_get_program_id(self, axis):
         idx = getattr(_local, "grid_idx", None)
@@ -91,7 +99,9 @@ def concurrent_programs(timeout_s: float = 600.0) -> Iterator[None]:
 
     builder.create_get_program_id, builder.create_atomic_rmw = create_get_program_id, create_atomic_rmw
     _interp.GridExecutor.__call__ = call
+    _interp.InterpretedFunction.rewrite = rewrite
     try:
         yield
     finally:
         builder.create_get_program_id, builder.create_atomic_rmw, _interp.GridExecutor.__call__ = saved
+        _interp.InterpretedFunction.rewrite = saved_rewrite

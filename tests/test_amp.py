@@ -438,25 +438,31 @@ def test_autocast_dtype_errors_name_the_argument(device):
         m.observe(embed, action.bfloat16())
 
 
-def test_value_checks_catch_a_weight_past_float16s_range_under_autocast(device):
+@pytest.mark.parametrize("initial,weight", [("zeros", "post1.weight"), ("learned", "prior1.weight")])
+def test_value_checks_catch_a_weight_past_float16s_range_under_autocast(device, initial, weight):
     """A float32 weight of 1e5 is finite, but autocast's float16 copy, which the step reads, is infinite: with
-    set_validate_args on, the cast copy is checked and named; outside autocast the same model passes."""
-    m = _model("gru", device)
+    set_validate_args on, the cast copy is checked and named; outside autocast the same model passes. With a learned
+    initial state the prior head's weight is named, not the initial state computed from it."""
+    m = _model("gru", device, initial=initial)
     with torch.no_grad():
-        m.post1.weight[0, 0] = 1e5
+        m.get_parameter(weight)[0, 0] = 1e5
+        if initial == "learned":  # deter[0] > 0: the infinite weight makes the learned stoch infinite, not ELU's -1
+            m.initial_deter[0] = 1.0
     embed, action = torch.zeros(B, T, E, device=device), torch.zeros(B, T, A, device=device)
+    first = torch.zeros(B, T, dtype=torch.bool, device=device)
+    first[0, 1] = True
     fastwm.set_validate_args(True)
     try:
         with torch.no_grad():
-            m.observe(embed, action)  # float32: finite
+            m.observe(embed, action, first)  # float32: finite
             with torch.autocast(device.type, dtype=torch.float16):
-                with pytest.raises(ValueError, match=r"^RSSM parameter post1.weight \(cast to torch.float16 by "
+                with pytest.raises(ValueError, match=rf"^RSSM parameter {weight} \(cast to torch.float16 by "
                                                      r"autocast\) must be finite"):
-                    m.observe(embed, action)
-                with pytest.raises(ValueError, match=r"^RSSM parameter post1.weight \(cast to torch.float16"):
+                    m.observe(embed, action, first)
+                with pytest.raises(ValueError, match=rf"^RSSM parameter {weight} \(cast to torch.float16"):
                     m.imagine(action, m.initial(B))
             with torch.autocast(device.type, dtype=torch.bfloat16):  # within bfloat16's range
-                m.observe(embed, action)
+                m.observe(embed, action, first)
     finally:
         fastwm.set_validate_args(False)
 

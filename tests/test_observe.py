@@ -256,23 +256,48 @@ def test_observe_op_compiles_fullgraph(device, initial):
 def test_opcheck_observe(device, initial):
     """torch.library.opcheck of fastwm::rssm_observe (schema, fake tensors, autograd registration, AOT dispatch),
     with resets, and with the learned initial state as the op's two optional inputs."""
+    m = _model(device, torch.float32, cell="layernorm_gru", act="silu", norm=True, initial=initial)
+    torch.library.opcheck(torch.ops.fastwm.rssm_observe.default, _op_args(m, 3, m._learned_initial(None)))
+
+
+def _op_args(m: fastwm.RSSM, t_len: int, init: tuple | None, seed: int = 4) -> tuple:
     from fastwm.step_ops import _ACT_IDS, _CELL_IDS, _STD_IDS
 
-    m = _model(device, torch.float32, cell="layernorm_gru", act="silu", norm=True, initial=initial)
-    start, embed, action, first, noise, prior_noise = _inputs(m, 6, 3, seed=4)
+    start, embed, action, first, _, _ = _inputs(m, 6, max(t_len, 1), seed=seed)
 
     def leaf(t: torch.Tensor) -> torch.Tensor:
         return t.detach().contiguous().requires_grad_()
 
     weights = [start.stoch.new_empty(0) if t is None else leaf(t) for t in m.weights()]
-    learned = m._learned_initial(None)
-    init = (None, None) if learned is None else tuple(leaf(t) for t in learned)
-    seed = torch.tensor([3, 4], dtype=torch.int64, device=start.stoch.device)
+    seed_t = torch.tensor([3, 4], dtype=torch.int64, device=start.stoch.device)
     cfg = m.config
-    args = (leaf(start.stoch), leaf(start.deter), leaf(action.transpose(0, 1)), leaf(embed.transpose(0, 1)),
-            first.transpose(0, 1).to(torch.int8).contiguous(), *init, None, None, seed, weights, _CELL_IDS[cfg.cell],
-            _ACT_IDS[cfg.act], bool(cfg.norm), _STD_IDS[cfg.std_mode], float(cfg.min_std), float(cfg.eps), False)
-    torch.library.opcheck(torch.ops.fastwm.rssm_observe.default, args)
+    init = (None, None) if init is None else tuple(None if t is None else leaf(t) for t in init)
+    return (leaf(start.stoch), leaf(start.deter), leaf(action.transpose(0, 1)[:t_len]),
+            leaf(embed.transpose(0, 1)[:t_len]), first.transpose(0, 1)[:t_len].to(torch.int8).contiguous(), *init,
+            None, None, seed_t, weights, _CELL_IDS[cfg.cell], _ACT_IDS[cfg.act], bool(cfg.norm),
+            _STD_IDS[cfg.std_mode], float(cfg.min_std), float(cfg.eps), False)
+
+
+def test_observe_op_checks_its_initial_state_arguments(device):
+    m = _model(device, torch.float32, initial="learned")
+    stoch, deter = m._learned_initial(None)
+    op = torch.ops.fastwm.rssm_observe.default
+    with pytest.raises(ValueError, match="init_deter was given without init_stoch"):
+        op(*_op_args(m, 2, (None, deter)))
+    with pytest.raises(ValueError, match="init_stoch needs init_deter"):
+        op(*_op_args(m, 2, (stoch, None)))
+
+
+def test_observe_op_with_no_steps_gives_the_start_state_zero_gradients(device, poison):
+    """T = 0 at the op (RSSM.observe returns before it): the state before step 0 reaches no output, so its
+    gradients are zeros, not what the allocator held."""
+    m = _model(device, torch.float32)
+    args = _op_args(m, 0, None)
+    out = torch.ops.fastwm.rssm_observe.default(*args)
+    assert out[0].shape[0] == 0
+    d_stoch, d_deter = torch.autograd.grad(out[1].sum() + out[7].sum() + out[0].sum(), args[:2], allow_unused=True)
+    for name, g in (("stoch0", d_stoch), ("deter0", d_deter)):
+        assert g is None or torch.equal(g, torch.zeros_like(g)), name
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
