@@ -29,15 +29,19 @@ A case is (benchmark, mode, provider, size, dtype, device):
 
 * size: an :class:`RSSMSize`; :data:`SIZES` holds the PlaNet / Dreamer V1 sizes (deter 200, stoch 30, hidden 200,
   GRUCell, ELU, softplus std, B x T = 50 x 50) and the dreamerv3-torch sizes (deter 512, stoch 32 Gaussian, hidden 512,
-  LayerNorm GRU, LayerNorm + SiLU layers, 2 sigmoid(x / 2) std, B x T = 16 x 64); both with action 6 and embed 1024
-  (the embedding width is ours: the peers' depends on the encoder). :data:`QUICK_SIZES` are tiny versions of both for
-  smoke tests on the CPU.
+  LayerNorm GRU, LayerNorm + SiLU layers, 2 sigmoid(x / 2) std, its learned initial state, B x T = 16 x 64); both
+  with action 6 and embed 1024 (the embedding width is ours: the peers' depends on the encoder). :data:`QUICK_SIZES`
+  are tiny versions of both for smoke tests on the CPU.
+
+Resets: observe is given ``is_first`` as a training batch has it, True at t = 0 of every sequence and at about one
+row-step in 32 more (episode starts inside the sampled chunks; seeded, the same for every provider). Each provider
+resets there to the model's initial state (zeros for planet, the learned one for dreamerv3).
 
 Noise: every provider is given the same explicit noise tensors, so they all do the same work and nobody pays for
 drawing it: the posterior (and in obs_step the prior) sample noise of img_step / obs_step, and the posterior noise of
-observe. observe has no argument for the prior's sample noise: each provider draws it as it would for a user (the
-reference with ``torch.randn``, [B, S] per step; inside the CUDA graph that is a replayed Philox draw; fastwm as its
-kernels do).
+observe. observe is not given the prior's sample noise (its ``prior_noise``), as a training loop does not give it:
+each provider draws it as it would for a user (the reference with ``torch.randn``, [B, S] per step; inside the CUDA
+graph that is a replayed Philox draw; fastwm as its kernels do).
 
 :func:`build_case` returns a zero-argument callable that runs the case once; the harness times it.
 """
@@ -114,6 +118,7 @@ class RSSMSize:
     act: str
     norm: bool
     std_mode: str
+    initial: str = "zeros"
 
     def model_kwargs(self) -> dict[str, object]:
         return {
@@ -126,11 +131,12 @@ class RSSMSize:
             "act": self.act,
             "norm": self.norm,
             "std_mode": self.std_mode,
+            "initial": self.initial,
         }
 
 
 _PLANET = {"cell": "gru", "act": "elu", "norm": False, "std_mode": "softplus"}
-_DREAMERV3 = {"cell": "layernorm_gru", "act": "silu", "norm": True, "std_mode": "sigmoid2"}
+_DREAMERV3 = {"cell": "layernorm_gru", "act": "silu", "norm": True, "std_mode": "sigmoid2", "initial": "learned"}
 
 SIZES: dict[str, RSSMSize] = {
     # PlaNet / Dreamer V1 / TorchRL defaults.
@@ -282,6 +288,9 @@ class _Inputs:
             self.tensors["action"] = randn(b, t, size.action).tanh()
             self.noise = randn(b, t, size.stoch)
             self.prior_noise = None
+            first = torch.rand(b, t, generator=gen) < 1 / 32
+            first[:, 0] = True
+            self.is_first: Tensor | None = first.to(device)
             self.lead: tuple[int, ...] = (b, t)
         else:
             self.tensors["deter"] = randn(b, size.deter).tanh()  # a GRU state lies in (-1, 1)
@@ -291,6 +300,7 @@ class _Inputs:
                 self.tensors["embed"] = randn(b, size.embed)
             self.noise = randn(b, size.stoch)
             self.prior_noise = randn(b, size.stoch) if benchmark == "obs_step" else None
+            self.is_first = None
             self.lead = (b,)
         self.mean = torch.zeros(b, size.stoch, device=device, dtype=dtype)  # unused by the step, part of the State
         self.std = torch.ones(b, size.stoch, device=device, dtype=dtype)
@@ -309,10 +319,11 @@ class _Inputs:
             state = State(x["deter"], x["stoch"], self.mean, self.std)
             post, prior = model.obs_step(state, x["action"], x["embed"], self.noise, prior_noise=self.prior_noise)
         elif provider == "fused-steps":  # one obs_step per t, as a user's loop over the step kernels
-            post, prior, _ = model._observe_steps(x["embed"], x["action"], None, model.initial(x["embed"].shape[0]),
-                                                  self.noise, None, None)
+            post, prior, _ = model._observe_steps(x["embed"], x["action"], self.is_first,
+                                                  model.initial(x["embed"].shape[0]), self.noise, None, None)
         else:
-            post, prior = model.observe(x["embed"], x["action"], noise=self.noise, recompute=provider == "recompute")
+            post, prior = model.observe(x["embed"], x["action"], self.is_first, noise=self.noise,
+                                        recompute=provider == "recompute")
         return (*post, prior.stoch, prior.mean, prior.std)
 
     def loss(self, outputs: Sequence[Tensor]) -> Tensor:
@@ -320,8 +331,10 @@ class _Inputs:
 
 
 def _parameters(model: fastwm.RSSM, benchmark: str) -> list[Tensor]:
-    """The parameters on the benchmark's path (img_step does not use the posterior head)."""
-    return [p for n, p in model.named_parameters() if benchmark != "img_step" or not n.startswith("post")]
+    """The parameters on the benchmark's path (img_step does not use the posterior head, the single steps do not
+    use a learned initial state: only observe's resets do)."""
+    return [p for n, p in model.named_parameters()
+            if (benchmark != "img_step" or not n.startswith("post")) and (benchmark == "observe" or n != "initial_deter")]
 
 
 def _check_compile_mode(compile_mode: str) -> None:

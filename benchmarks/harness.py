@@ -1109,7 +1109,7 @@ def _run_rssm(plan: _RSSMPlan, out: Path, device: torch.device, quick: bool, met
         )
         notes.append(
             "observe: every provider gets the same posterior noise; the prior's sample noise is drawn inside the call "
-            "(observe takes none): by torch.randn in the reference (eager, compiled, graphed)"
+            "(no prior_noise is given, as in training): by torch.randn in the reference (eager, compiled, graphed)"
         )
     rows: list[dict[str, Any]] = []
     failures = 0
