@@ -261,10 +261,13 @@ class RSSM(nn.Module):
             raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
         return self._initial(batch_size, None)
 
-    def _initial(self, batch_size: int, dtype: torch.dtype | None, w: reference.StepWeights | None = None) -> State:
+    def _initial(self, batch_size: int, dtype: torch.dtype | None, w: reference.StepWeights | None = None,
+                 learned: tuple[Tensor, Tensor] | None = None) -> State:
+        # ``learned``: :meth:`_learned_initial` for this dtype, when the caller already has it
         like = self._like()
         zeros = torch.zeros(batch_size, self.stoch, device=like.device, dtype=dtype or like.dtype)
-        learned = self._learned_initial(dtype, w)
+        if learned is None:
+            learned = self._learned_initial(dtype, w)
         if learned is None:
             return State(zeros.new_zeros(batch_size, self.deter), zeros, zeros.clone(), torch.ones_like(zeros))
         stoch, deter = (t.expand(batch_size, -1).contiguous() for t in learned)
@@ -464,21 +467,23 @@ class RSSM(nn.Module):
                              "draws noise)")
         is_first = check_is_first(is_first, b, t_len, embed.device)
         w = self.weights(amp)
-        state = self._initial(b, amp, w) if state is None else self._check_state(state, amp=amp)
+        # the learned initial state, computed once for the start and the resets (None for zeros, or when unused)
+        learned = self._learned_initial(amp, w) if state is None or is_first is not None else None
+        state = self._initial(b, amp, w, learned) if state is None else self._check_state(state, amp=amp)
         if state.stoch.shape[0] != b:
             raise ValueError(f"state must have batch size {b} (from embed), got {state.stoch.shape[0]}")
         self._check_values({"embed": embed, "action": action, "state.stoch": state.stoch, "state.deter": state.deter,
                             "noise": noise, "prior_noise": prior_noise})
         with no_autocast(embed.device):
             if use_triton(embed) and t_len > 0:
-                init = None if is_first is None else self._learned_initial(state.stoch.dtype, w)
+                init = None if is_first is None else learned
                 deter, qz, qm, qs, pz, pm, ps, kl = fused_observe(self.config, w, state.stoch, state.deter, embed,
                                                                   action, is_first, noise, prior_noise, generator,
                                                                   recompute, init)
                 post_s, prior_s = State(deter, qz, qm, qs), State(deter, pz, pm, ps)
             else:
                 post_s, prior_s, kl = self._observe_steps(embed, action, is_first, state, noise, prior_noise,
-                                                          generator, w)
+                                                          generator, w, learned)
         return (post_s, prior_s, kl) if return_kl else (post_s, prior_s)
 
     def forward(self, embed: Tensor, action: Tensor, is_first: Tensor | None = None, state: State | None = None,
@@ -490,12 +495,14 @@ class RSSM(nn.Module):
 
     def _observe_steps(self, embed: Tensor, action: Tensor, is_first: Tensor | None, state: State,
                        noise: Tensor | None, prior_noise: Tensor | None, generator: torch.Generator | None,
-                       w: reference.StepWeights | None = None) -> tuple[State, State, Tensor]:
+                       w: reference.StepWeights | None = None,
+                       learned: tuple[Tensor, Tensor] | None = None) -> tuple[State, State, Tensor]:
         """observe as a Python loop of :meth:`obs_step` over T (inputs already checked): the reference backend's
-        path, and on the Triton backend the per-step fused kernels (the benchmarks' "fused-steps" baseline)."""
+        path, and on the Triton backend the per-step fused kernels (the benchmarks' "fused-steps" baseline).
+        ``learned``: the learned initial state when the caller has it (see :meth:`_initial`)."""
         w = w if w is not None else self.weights(state.stoch.dtype)
         posts, priors, kls = [], [], []
-        init = self._initial(state.stoch.shape[0], state.stoch.dtype, w) if is_first is not None else None
+        init = self._initial(state.stoch.shape[0], state.stoch.dtype, w, learned) if is_first is not None else None
         for t in range(embed.shape[1]):
             a = action[:, t]
             if is_first is not None:

@@ -131,6 +131,25 @@ def test_observe_resets_to_the_learned_initial_state_in_the_time_loop(device, dt
         assert_close(a, e, dtype, f"d {name}", None if eager is None else eager[1][i])
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_observe_computes_the_learned_initial_state_once(device, backend, monkeypatch):
+    """From no given state, with resets: the start and the resets share one computation of the learned state (a
+    handful of small launches each time, on the host's critical path of every training step)."""
+    m = _model(device, torch.float32, initial="learned")
+    _, embed, action, first, noise, prior_noise = _inputs(m, 4, 3, seed=6)
+    calls = []
+    compute = m._learned_initial
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(m, "_learned_initial", counted)
+    with fastwm.backend(backend):
+        m.observe(embed, action, first, noise=noise, prior_noise=prior_noise)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("b,t", [(1, 1), (1, 3), (17, 1)])
 def test_observe_edge_shapes(device, b, t):
     m = _model(device, torch.float64, cell="layernorm_gru", norm=True)
