@@ -54,8 +54,9 @@ OVERSHOOTING_MODES = ("shifted", "per_step")
 
 
 def _args(rssm: object, post: object, action: object, distance: object, is_first: object, state: object,
-          noise: object) -> tuple[State, Tensor, int, int, int, Tensor, State]:
-    """Every argument checked: (post, action, B, T, K, is_first as bool [B, T], the state before step 0)."""
+          noise: object) -> tuple[State, Tensor, int, int, int, Tensor, State, State]:
+    """Every argument checked: (post, action, B, T, K, is_first as bool [B, T], the state before step 0, the state
+    a reset restores: RSSM.initial in post's dtype, the learned one computed once for both)."""
     if not isinstance(rssm, RSSM):
         raise TypeError(f"rssm must be a fastwm.RSSM, got {type(rssm).__name__}")
     if not isinstance(post, State):
@@ -79,23 +80,24 @@ def _args(rssm: object, post: object, action: object, distance: object, is_first
     if first is None:
         first = torch.zeros(b, t_len, dtype=torch.bool, device=post.stoch.device)
     k_len = min(distance, t_len)
-    init = rssm._initial(b, amp) if state is None else rssm._check_state(state, amp=amp)
+    reset = rssm._initial(b, amp)
+    init = reset if state is None else rssm._check_state(state, amp=amp)
     if init.stoch.shape[0] != b:
         raise ValueError(f"state must have batch size {b} (from post), got {init.stoch.shape[0]}")
     if noise is not None:
         noise = rssm._check_input("noise", noise, rssm.stoch, (b, t_len, k_len), amp)
     check_values({"post.deter": post.deter, "post.stoch": post.stoch, "post.mean": post.mean, "action": action,
                   "noise": noise}, {"post.std": post.std})
-    return post, action, b, t_len, k_len, first, init
+    return post, action, b, t_len, k_len, first, init, reset
 
 
-def _rollouts(rssm: RSSM, post: State, action: Tensor, first: Tensor, init: State, k_len: int, noise: Tensor | None,
-              generator: torch.Generator | None, used: Tensor | None = None) -> tuple[State, Tensor]:
+def _rollouts(rssm: RSSM, post: State, action: Tensor, first: Tensor, init: State, reset: State, k_len: int,
+              noise: Tensor | None, generator: torch.Generator | None,
+              used: Tensor | None = None) -> tuple[State, Tensor]:
     """overshooting_rollouts on checked arguments; ``used`` [B, T] bool: the other starts run from the initial state
     (their outputs are not to be used)."""
     b, t_len = post.stoch.shape[:2]
     device = post.stoch.device
-    reset = rssm._initial(b, post.stoch.dtype)
     # The state before each step, as observe saw it: the posterior of the step before, the given state before step
     # 0, RSSM.initial at a reset (the given state included).
     keep = ~first[..., None]
@@ -139,8 +141,8 @@ def overshooting_rollouts(rssm: RSSM, post: State, action: Tensor, *, distance: 
         same noise); ``valid`` [B, T, K] bool, False where step t + k - 1 lies past the sequence's end or a reset
         falls in t + 1 .. t + k - 1.
     """
-    post, action, _, _, k_len, first, init = _args(rssm, post, action, distance, is_first, state, noise)
-    return _rollouts(rssm, post, action, first, init, k_len, noise, generator)
+    post, action, _, _, k_len, first, init, reset = _args(rssm, post, action, distance, is_first, state, noise)
+    return _rollouts(rssm, post, action, first, init, reset, k_len, noise, generator)
 
 
 def latent_overshooting_kl(rssm: RSSM, post: State, action: Tensor, *, distance: int,
@@ -172,14 +174,14 @@ def latent_overshooting_kl(rssm: RSSM, post: State, action: Tensor, *, distance:
         raise ValueError(f"mode must be one of {', '.join(map(repr, OVERSHOOTING_MODES))}, got {mode!r}")
     if not isinstance(stop_posterior_grad, bool):
         raise TypeError(f"stop_posterior_grad must be a bool, got {type(stop_posterior_grad).__name__}")
-    post, action, b, t_len, k_len, first, init = _args(rssm, post, action, distance, is_first, state, noise)
+    post, action, b, t_len, k_len, first, init, reset = _args(rssm, post, action, distance, is_first, state, noise)
     kl_dtype = torch.float64 if post.stoch.dtype == torch.float64 else torch.float32
     if t_len < 2:  # no prediction of two steps or more has a target
         return post.stoch.new_zeros((), dtype=kl_dtype)
     # A start is used when its rollout has a valid term of k >= 2: not the last step, nor the step before a reset.
     used = torch.zeros_like(first)
     used[:, :-1] = ~first[:, 1:]
-    prior, valid = _rollouts(rssm, post, action, first, init, k_len, noise, generator, used)
+    prior, valid = _rollouts(rssm, post, action, first, init, reset, k_len, noise, generator, used)
     device = post.stoch.device
     # Targets: the posterior at step t + k - 1, for k = 2..K.
     idx = (torch.arange(t_len, device=device)[:, None] + torch.arange(1, k_len, device=device)).clamp(max=t_len - 1)

@@ -21,12 +21,19 @@ CONFIGS = [
     {"cell": "none", "std_mode": "softplus_clamp"},
 ]
 CONFIG_IDS = ["gru", "lngru-norm-silu", "none"]
+# with dreamerv3-torch's learned initial state, which every reset restores
+WITH_LEARNED = CONFIGS + [{**CONFIGS[1], "initial": "learned"}]
+WITH_LEARNED_IDS = CONFIG_IDS + ["lngru-learned"]
 B, T, S, A = 3, 6, 4, 2
 
 
 def _model(dtype, device="cpu", **kw) -> fastwm.RSSM:
     torch.manual_seed(0)
-    return fastwm.RSSM(A, 5, stoch=S, deter=7, hidden=9, **kw).to(device=device, dtype=dtype)
+    m = fastwm.RSSM(A, 5, stoch=S, deter=7, hidden=9, **kw)
+    if m.initial_deter is not None:  # away from its zero start
+        with torch.no_grad():
+            m.initial_deter.normal_()
+    return m.to(device=device, dtype=dtype)
 
 
 def _inputs(m: fastwm.RSSM, g: torch.Generator, k: int, dtype, device="cpu"):
@@ -77,7 +84,7 @@ def _leaves(post, start):
     return post, start
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("cfg", WITH_LEARNED, ids=WITH_LEARNED_IDS)
 @pytest.mark.parametrize("stop_grad,mode", [(True, "shifted"), (False, "shifted"), (True, "per_step")],
                          ids=["sg", "no-sg", "per-step"])
 def test_matches_the_loop_values_and_gradients(cfg, stop_grad, mode):
@@ -142,7 +149,7 @@ def test_triton_backend_matches_the_float64_loop(device, dtype, cfg, poison):
             assert_close(q.grad, q64.grad, dtype, f"{name} grad")
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("cfg", WITH_LEARNED, ids=WITH_LEARNED_IDS)
 def test_one_step_rollouts_are_observes_priors(cfg):
     # k = 1 from the state before each step is observe's prior, given state, resets at t = 0 and mid-sequence included
     m = _model(torch.float64, **cfg)
