@@ -319,8 +319,11 @@ class _Inputs:
             state = State(x["deter"], x["stoch"], self.mean, self.std)
             post, prior = model.obs_step(state, x["action"], x["embed"], self.noise, prior_noise=self.prior_noise)
         elif provider == "fused-steps":  # one obs_step per t, as a user's loop over the step kernels
+            # the learned initial state computed once for the start and the resets, as observe does
+            learned = model._learned_initial(None)
             post, prior, _ = model._observe_steps(x["embed"], x["action"], self.is_first,
-                                                  model.initial(x["embed"].shape[0]), self.noise, None, None)
+                                                  model._initial(x["embed"].shape[0], None, None, learned),
+                                                  self.noise, None, None, None, learned)
         else:
             post, prior = model.observe(x["embed"], x["action"], self.is_first, noise=self.noise,
                                         recompute=provider == "recompute")
