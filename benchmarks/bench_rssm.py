@@ -65,6 +65,7 @@ __all__ = [
     "BASELINES",
     "BENCHMARKS",
     "OBSERVE_ONLY",
+    "OBSERVE_RESETS",
     "COMPILE_MODES",
     "DTYPES",
     "MODES",
@@ -95,6 +96,8 @@ BASELINES = ("eager", "compiled", "graphed", "fused-steps")  # what fastwm is co
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "reduce-overhead", "default")
 GRAPHED = ("graphed", "fused-steps")  # the providers that capture a CUDA graph and replay it
 GRAPH_WARMUP = 3  # eager calls on a side stream before capture (PyTorch's recipe uses 3; DDP needs 11, not used here)
+RESET_RATE = 32  # observe's is_first: t = 0, and about one row-step in RESET_RATE more (episode starts in the chunks)
+OBSERVE_RESETS = f"t=0 and ~1/{RESET_RATE} of row-steps"  # what the observe rows say of their resets
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -288,7 +291,7 @@ class _Inputs:
             self.tensors["action"] = randn(b, t, size.action).tanh()
             self.noise = randn(b, t, size.stoch)
             self.prior_noise = None
-            first = torch.rand(b, t, generator=gen) < 1 / 32
+            first = torch.rand(b, t, generator=gen) < 1 / RESET_RATE
             first[:, 0] = True
             self.is_first: Tensor | None = first.to(device)
             self.lead: tuple[int, ...] = (b, t)

@@ -1193,7 +1193,7 @@ def _run_rssm_case(
         "norm": size.norm,
         "std_mode": size.std_mode,
         "initial": size.initial,
-        "resets": "t=0 and ~1/32 of row-steps" if benchmark == "observe" else None,
+        "resets": bench_rssm.OBSERVE_RESETS if benchmark == "observe" else None,
         "dtype": str(dtype).removeprefix("torch."),
         **timing,
         "us_per_step": median * 1e3 / steps,
