@@ -58,7 +58,8 @@ def _act_id(m: nn.Module) -> int | None:
 def _runs_as_written(m: nn.Module) -> bool:
     # The module's forward is its class's own, untouched: no hooks (weight_norm / spectral_norm of old install
     # forward pre-hooks) and no parametrizations (their weight is computed, not the stored tensor).
-    return not (m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m))
+    # A forward assigned on the instance (as wrappers such as accelerate's hooks do) replaces the class's.
+    return not (m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m) or "forward" in vars(m))
 
 
 def _global_hooks() -> bool:
@@ -106,6 +107,9 @@ def pack_mlp(module: object, in_features: int, out_features: int) -> PackedMLP |
             return None
         out_act = a
     if linears[0].in_features != in_features or linears[-1].out_features != out_features:
+        return None
+    # Widths that do not chain make the module's own forward raise: it runs in PyTorch, which says so.
+    if any(a.out_features != b.in_features for a, b in zip(linears, linears[1:])):
         return None
     tensors = [t for lin in linears for t in (lin.weight, lin.bias) if t is not None]
     if len({(t.dtype, t.device) for t in tensors}) != 1:
@@ -195,6 +199,37 @@ def _(stoch, deter, actions, noise, seed, weights, policy, reward, horizon, cell
                                  else stoch.dtype) for k in _KEYS)
 
 
+def _check_fused(w: reference.StepWeights, stoch: Tensor, deter: Tensor, horizon: int, actions: Tensor | None,
+                 noise: Tensor | None) -> None:
+    """imagine_fused's tensors against the weights: shapes, dtype and device (the kernel reads raw memory, so a
+    mismatch would read past a buffer or reinterpret its bytes). RSSM.imagine / rollout and the planners check their
+    own arguments first, with their own names; this guards direct calls."""
+    ref = w.inp_w
+    for name, t in (("stoch", stoch), ("deter", deter), ("actions", actions), ("noise", noise)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype != ref.dtype or t.device != ref.device:
+            raise TypeError(f"{name} must be {ref.dtype} on {ref.device} (the weights'), got {t.dtype} on {t.device}")
+    if stoch.dim() != 2:
+        raise ValueError(f"stoch must have shape [N, S], got {list(stoch.shape)}")
+    n, s = stoch.shape
+    d = w.p1_w.shape[1] if w.cell_w is not None else 0
+    a = ref.shape[1] - s
+    if s != w.p2_w.shape[0] // 2 or a < 0:
+        raise ValueError(f"stoch must have shape [N, {w.p2_w.shape[0] // 2}] (the prior head's), got "
+                         f"{list(stoch.shape)}")
+    if tuple(deter.shape) != (n, d):
+        raise ValueError(f"deter must have shape [{n}, {d}], got {list(deter.shape)}")
+    if horizon < 0:
+        raise ValueError(f"horizon must be >= 0, got {horizon}")
+    if actions is not None and tuple(actions.shape) != (n, horizon, a):
+        raise ValueError(f"actions must have shape [{n}, {horizon}, {a}] ([N, horizon, A]), got {list(actions.shape)}")
+    if noise is not None and tuple(noise.shape) != (n, horizon, s):
+        raise ValueError(f"noise must have shape [{n}, {horizon}, {s}] ([N, horizon, S]), got {list(noise.shape)}")
+
+
 @torch.no_grad()
 def imagine_fused(
     cfg: reference.StepConfig,
@@ -222,6 +257,7 @@ def imagine_fused(
 
     if (actions is None) == (policy is None):
         raise ValueError("give exactly one of actions (open loop) and policy (closed loop)")
+    _check_fused(w, stoch, deter, int(horizon), actions, noise)
     seed = None
     if noise is None:
         seed = _draw_seed(generator, stoch.device)

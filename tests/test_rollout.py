@@ -4,6 +4,7 @@ with an in-kernel policy MLP, in-kernel reward MLP (per step and summed), given 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -208,6 +209,8 @@ def test_pack_mlp_accepts_plain_mlps_only():
     assert pack_mlp(nn.Linear(f, 1), f, 1) is not None
     assert pack_mlp(nn.Sequential(nn.Linear(f, 4), nn.ReLU(), nn.Linear(4, 2), nn.Tanh()), f, 2) is not None
     assert pack_mlp(nn.Sequential(nn.Linear(f, 4), nn.ReLU(), nn.Linear(4, 2)), f, 3) is None  # wrong width
+    # inner widths that do not chain: the module's own forward raises, so it must not be packed
+    assert pack_mlp(nn.Sequential(nn.Linear(f, 4), nn.Tanh(), nn.Linear(5, 1)), f, 1) is None
     assert pack_mlp(nn.Sequential(nn.Linear(f, 4), nn.LayerNorm(4), nn.Linear(4, 1)), f, 1) is None
     assert pack_mlp(nn.Sequential(nn.Linear(f, 4), nn.ReLU(), nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 1)), f,
                     1) is None  # mixed activations
@@ -245,6 +248,10 @@ def _not_as_written(f: int, out: int) -> dict[str, nn.Module]:
     torch.nn.utils.parametrize.register_parametrization(param[0], "weight", _Negate())
     cases["parametrization"] = param
     cases["spectral norm"] = nn.Sequential(torch.nn.utils.spectral_norm(nn.Linear(f, out))).double()
+    inst = mlp()  # a forward assigned on the instance, as wrappers (accelerate's hooks) do
+    own = inst.forward
+    inst.forward = lambda x: -own(x)
+    cases["instance forward"] = inst
     return cases
 
 
@@ -287,3 +294,31 @@ def test_row_blocks_stop_at_32_rows_with_an_mlp_in_the_kernel():
         for closed, reward in ((True, False), (False, True), (True, True)):
             assert max(t[0] for t in _tile_candidates(closed, narrow, reward)) <= 32, (narrow, closed, reward)
     assert max(t[0] for t in _tile_candidates(False, False)) > 32  # imagination alone takes bigger blocks
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_imagine_fused_checks_its_tensors(device, cfg):
+    # The kernel reads raw memory: a wrong shape, dtype or device must be an error naming the tensor, never a read
+    # past a buffer. (Every check runs before the launch.)
+    m = _model(device, torch.float32, **cfg)
+    w, n, h = m.weights(), 4, 3
+    start = _start(m, n, torch.Generator().manual_seed(2))
+    acts = torch.zeros(n, h, 3, device=device)
+    noise = torch.zeros(n, h, 5, device=device)
+
+    def call(stoch=start.stoch, deter=start.deter, horizon=h, actions=acts, noise=noise):
+        return imagine_fused(m.config, w, stoch, deter, horizon, actions=actions, noise=noise)
+
+    bad = {
+        "actions must have shape": dict(actions=acts[:, :2]),
+        "noise must have shape": dict(noise=noise[:, :1]),
+        "actions must be torch.float32": dict(actions=acts.double()),
+        "noise must be torch.float32": dict(noise=noise.half()),
+        "stoch must have shape": dict(stoch=start.stoch[:, :4]),
+        "deter must have shape": dict(deter=start.deter[:2]),
+        "horizon must be >= 0": dict(horizon=-1),
+    }
+    bad["actions must have shape [4, 3, 3]"] = dict(actions=torch.zeros(n, h, 2, device=device))
+    for match, kw in bad.items():
+        with pytest.raises((ValueError, TypeError), match=re.escape(match)):
+            call(**kw)
