@@ -269,7 +269,7 @@ class _Planner(nn.Module):
             else:
                 mean = self._iterate(state.stoch, state.deter, mean, outer)
         self._plan = mean
-        return mean
+        return mean.clone()  # the caller's copy: editing it in place must not change the next warm start
 
     def _iterate(self, stoch: Tensor, deter: Tensor, mean: Tensor, outer: torch.dtype | None = None) -> Tensor:
         """The planner's iterations from the initial plan ``mean`` [B, H, A]: the refined plan. ``outer``: the
@@ -413,8 +413,8 @@ class MPPIPlanner(_Planner):
     """Model predictive path integral control in the RSSM's latent space.
 
     Each iteration weights every sampled sequence by softmax(return / temperature) and refits the plan's mean and std
-    to the weighted mean and std. Arguments as :class:`CEMPlanner`, with ``samples`` for candidates and
-    ``temperature`` (> 0; lower is greedier)."""
+    to the weighted mean and std. Arguments as :class:`CEMPlanner`, with ``samples`` for candidates,
+    ``temperature`` (> 0; lower is greedier), and ``min_std`` 0.05 by default (CEM's is 0)."""
 
     def __init__(self, rssm: RSSM, reward: Callable[[Tensor], Tensor], *, horizon: int = 12, samples: int = 1000,
                  iterations: int = 10, temperature: float = 0.5, action_low: float | Tensor = -1.0,

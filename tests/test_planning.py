@@ -166,8 +166,10 @@ def test_warm_start_shifts_the_previous_plan(device):
     planner = _planner("mppi", m, _reward(device), horizon=4, candidates=20, iterations=1)
     with fastwm.backend("reference"):
         plan = planner.plan(m.initial(2))
+    kept = plan.clone()
+    plan.fill_(0.75)  # the caller's copy: editing it must not change the warm start
     start = planner._initial_mean(2, plan)
-    assert torch.equal(start[:, :-1], plan[:, 1:])
+    assert torch.equal(start[:, :-1], kept[:, 1:])
     assert torch.equal(start[:, -1], torch.zeros(2, A, dtype=plan.dtype, device=device))
     planner.reset()
     assert torch.equal(planner._initial_mean(2, plan), torch.zeros(2, 4, A, dtype=plan.dtype, device=device))
