@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from . import reference
 from ._amp import cast_eligible
+from ._validation import check_like
 from .gaussian import _draw_seed
 from .step_ops import _ACT_IDS, _CELL_IDS, _STD_IDS
 
@@ -205,29 +206,16 @@ def _check_fused(w: reference.StepWeights, stoch: Tensor, deter: Tensor, horizon
     mismatch would read past a buffer or reinterpret its bytes). RSSM.imagine / rollout and the planners check their
     own arguments first, with their own names; this guards direct calls."""
     ref = w.inp_w
-    for name, t in (("stoch", stoch), ("deter", deter), ("actions", actions), ("noise", noise)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dtype != ref.dtype or t.device != ref.device:
-            raise TypeError(f"{name} must be {ref.dtype} on {ref.device} (the weights'), got {t.dtype} on {t.device}")
-    if stoch.dim() != 2:
-        raise ValueError(f"stoch must have shape [N, S], got {list(stoch.shape)}")
-    n, s = stoch.shape
+    s = w.p2_w.shape[0] // 2  # the prior head's [mean, raw std]
     d = w.p1_w.shape[1] if w.cell_w is not None else 0
     a = ref.shape[1] - s
-    if s != w.p2_w.shape[0] // 2 or a < 0:
-        raise ValueError(f"stoch must have shape [N, {w.p2_w.shape[0] // 2}] (the prior head's), got "
-                         f"{list(stoch.shape)}")
-    if tuple(deter.shape) != (n, d):
-        raise ValueError(f"deter must have shape [{n}, {d}], got {list(deter.shape)}")
+    n = stoch.shape[0] if isinstance(stoch, Tensor) and stoch.dim() > 0 else 0
     if horizon < 0:
         raise ValueError(f"horizon must be >= 0, got {horizon}")
-    if actions is not None and tuple(actions.shape) != (n, horizon, a):
-        raise ValueError(f"actions must have shape [{n}, {horizon}, {a}] ([N, horizon, A]), got {list(actions.shape)}")
-    if noise is not None and tuple(noise.shape) != (n, horizon, s):
-        raise ValueError(f"noise must have shape [{n}, {horizon}, {s}] ([N, horizon, S]), got {list(noise.shape)}")
+    for name, t, shape in (("stoch", stoch, (n, s)), ("deter", deter, (n, d)), ("actions", actions, (n, horizon, a)),
+                           ("noise", noise, (n, horizon, s))):
+        if t is not None:
+            check_like(name, t, "the weights", ref, shape=shape)
 
 
 @torch.no_grad()

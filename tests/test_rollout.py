@@ -312,13 +312,13 @@ def test_imagine_fused_checks_its_tensors(device, cfg):
     bad = {
         "actions must have shape": dict(actions=acts[:, :2]),
         "noise must have shape": dict(noise=noise[:, :1]),
-        "actions must be torch.float32": dict(actions=acts.double()),
-        "noise must be torch.float32": dict(noise=noise.half()),
+        "actions must have the dtype of the weights (torch.float32)": dict(actions=acts.double()),
+        "noise must have the dtype of the weights (torch.float32)": dict(noise=noise.half()),
         "stoch must have shape": dict(stoch=start.stoch[:, :4]),
         "deter must have shape": dict(deter=start.deter[:2]),
         "horizon must be >= 0": dict(horizon=-1),
+        "actions must have shape (4, 3, 3)": dict(actions=torch.zeros(n, h, 2, device=device)),
     }
-    bad["actions must have shape [4, 3, 3]"] = dict(actions=torch.zeros(n, h, 2, device=device))
     for match, kw in bad.items():
         with pytest.raises((ValueError, TypeError), match=re.escape(match)):
             call(**kw)
