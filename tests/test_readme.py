@@ -19,7 +19,7 @@ import fastwm
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
-# The sections whose examples run, in README order: heading -> whether its example needs the world-model prelude.
+# The headings whose examples run (each example runs in README order, in one namespace).
 SECTIONS = ("Quickstart", "The RSSM", "The sequence ELBO", "Latent overshooting (PlaNet)", "Imagination and planning",
             "Mixed precision (`torch.autocast`)")
 
